@@ -1,6 +1,21 @@
-"""per_buffer: durable, non-blocking usage reporting to the Per metering API."""
+"""per_buffer: durable, non-blocking usage reporting to the Per metering API.
+
+Two layers:
+
+* :class:`PerClient` / :class:`AsyncPerClient`: one request per call, typed errors;
+* :class:`Recorder` and the module-level :func:`record`: a durable disk queue
+  drained to Per by a background worker, so hot paths never wait on the network.
+
+Quick start::
+
+    import per_buffer
+    per_buffer.record("acme-corp", "user-42")   # reads PER_ACTIVITY_TOKEN, PER_ACTIVITY_TYPE_ID
+"""
 
 from ._version import __version__
+from .client import AsyncPerClient, PerClient
+from .config import RecorderConfig
+from .delivery import DeliveryFailure
 from .errors import (
     PerAPIError,
     PerAuthError,
@@ -10,17 +25,37 @@ from .errors import (
     QueueError,
 )
 from .models import MAX_ID_LENGTH, Activity, Report, ReportRow
+from .recorder import (
+    Recorder,
+    RecorderStats,
+    configure,
+    flush,
+    get_recorder,
+    record,
+    shutdown,
+)
 
 __all__ = [
     "MAX_ID_LENGTH",
     "Activity",
+    "AsyncPerClient",
+    "DeliveryFailure",
     "PerAPIError",
     "PerAuthError",
+    "PerClient",
     "PerError",
     "PerRateLimitError",
     "PerTransportError",
     "QueueError",
+    "Recorder",
+    "RecorderConfig",
+    "RecorderStats",
     "Report",
     "ReportRow",
     "__version__",
+    "configure",
+    "flush",
+    "get_recorder",
+    "record",
+    "shutdown",
 ]

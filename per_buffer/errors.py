@@ -20,6 +20,8 @@ __all__ = [
 class PerError(Exception):
     """Base class of every error from the Per API or the way to it.
 
+    ``str(error)`` is one sentence saying what happened; it never holds a token.
+
     Attributes:
         retryable: True when the same request may succeed if sent again later.
         status_code: the HTTP status of the response, or None when there was none.
@@ -27,25 +29,40 @@ class PerError(Exception):
 
     retryable: bool = False
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, text: str, *, status_code: int | None = None) -> None:
+        super().__init__(text)
         self.status_code = status_code
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r})"
-
-
-class PerAuthError(PerError):
-    """The token was refused (HTTP 401 or ``invalid_auth_token``); not retryable."""
-
-    retryable = False
+        return f"{type(self).__name__}({str(self)!r}, status_code={self.status_code!r})"
 
 
 class PerAPIError(PerError):
-    """Per answered ``ok: false``; ``message`` carries Per's code; not retryable."""
+    """Per answered ``ok: false``; not retryable.
+
+    Attributes:
+        message: Per's machine-readable code, e.g. ``"missing_parameter"``.
+    """
 
     retryable = False
+
+    def __init__(self, text: str, *, message: str, status_code: int | None = None) -> None:
+        super().__init__(text, status_code=status_code)
+        self.message = message
+
+
+class PerAuthError(PerAPIError):
+    """The token was refused (HTTP 401 or ``invalid_auth_token``); not retryable.
+
+    A subclass of :class:`PerAPIError` whose ``message`` is ``"invalid_auth_token"``.
+    """
+
+    retryable = False
+
+    def __init__(
+        self, text: str, *, message: str = "invalid_auth_token", status_code: int | None = 401
+    ) -> None:
+        super().__init__(text, message=message, status_code=status_code)
 
 
 class PerRateLimitError(PerError):
@@ -54,14 +71,14 @@ class PerRateLimitError(PerError):
     retryable = True
 
     def __init__(
-        self, message: str, *, status_code: int | None = 429, retry_after: float | None = None
+        self, text: str, *, status_code: int | None = 429, retry_after: float | None = None
     ) -> None:
-        super().__init__(message, status_code=status_code)
+        super().__init__(text, status_code=status_code)
         self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r}, "
+            f"{type(self).__name__}({str(self)!r}, status_code={self.status_code!r}, "
             f"retry_after={self.retry_after!r})"
         )
 

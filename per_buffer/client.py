@@ -1,0 +1,463 @@
+"""The plain Per clients: :class:`PerClient` (blocking) and :class:`AsyncPerClient` (asyncio).
+
+Both twins share one implementation of everything but the I/O: configuration,
+argument validation, request building and the reading of responses into
+results or typed :mod:`per_buffer.errors`. Each instance owns one pooled httpx
+client; use it as a context manager or call ``close()`` / ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import httpx
+
+from ._version import __version__
+from .errors import PerAPIError, PerAuthError, PerError, PerRateLimitError, PerTransportError
+from .models import Report, format_timestamp, parse_timestamp, validate_id
+
+__all__ = ["DEFAULT_BASE_URL", "USER_AGENT", "AsyncPerClient", "PerClient"]
+
+logger = logging.getLogger("per_buffer.client")
+
+#: Where Per lives unless ``base_url`` or ``PER_BASE_URL`` says otherwise.
+DEFAULT_BASE_URL: Final = "https://api.useper.com"
+#: Sent with every request.
+USER_AGENT: Final = f"per-buffer/{__version__}"
+
+ACTIVITY_TOKEN_ENV: Final = "PER_ACTIVITY_TOKEN"
+REPORTING_TOKEN_ENV: Final = "PER_REPORTING_TOKEN"
+BASE_URL_ENV: Final = "PER_BASE_URL"
+
+_ADD_PATH: Final = "/activities.add"
+_REPORT_PATH: Final = "/reports.get"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """Return the validated base URL: the argument, else ``PER_BASE_URL``, else Per's own.
+
+    Only ``https`` is accepted, except ``http`` on a loopback host (127.0.0.0/8,
+    ``::1``, ``localhost``) for tests against a local server.
+
+    Raises:
+        ValueError: the URL is malformed, not https, or carries credentials, a query or a fragment.
+    """
+    if base_url is None:
+        base_url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
+    url = base_url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise ValueError(f"base_url is not a valid URL: {base_url!r}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"base_url must look like https://host[:port], not {base_url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("base_url must not carry credentials; pass the token separately")
+    if parts.query or parts.fragment:
+        raise ValueError(f"base_url must not have a query or fragment: {base_url!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ValueError(
+            f"base_url must use https (plain http is allowed only for loopback hosts): {base_url!r}"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(token: object, name: str = "token") -> str:
+    """Validate a token's form (non-empty str, no whitespace or control characters)."""
+    if not isinstance(token, str):
+        raise TypeError(f"{name} must be a str, not {type(token).__name__}")
+    if not token:
+        raise ValueError(f"{name} must not be empty")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in token):
+        raise ValueError(f"{name} must not contain whitespace or control characters")
+    return token
+
+
+def _env_token(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def interpret_response(
+    endpoint: str, status: int, headers: Mapping[str, str], content: bytes
+) -> Any:
+    """Turn one HTTP answer into Per's ``result`` or raise the matching :class:`PerError`."""
+    if status == 401:
+        raise PerAuthError(
+            f"Per refused the token for {endpoint} (HTTP 401); check that it is valid "
+            "and has the right scope.",
+            status_code=status,
+        )
+    if status == 429:
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        wait = "" if retry_after is None else f"; retry after {retry_after:.1f} s"
+        raise PerRateLimitError(
+            f"Per rate-limited {endpoint} (HTTP 429{wait}).", retry_after=retry_after
+        )
+    if status >= 500:
+        raise PerTransportError(
+            f"Per answered {endpoint} with HTTP {status}; the request may be retried.",
+            status_code=status,
+        )
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if 400 <= status < 500:
+        message = body.get("message") if isinstance(body, dict) else None
+        if isinstance(message, str) and body.get("ok") is False:
+            if message == "invalid_auth_token":
+                raise PerAuthError(
+                    f"Per refused the token for {endpoint} (invalid_auth_token).",
+                    status_code=status,
+                )
+            raise PerAPIError(
+                f"Per rejected {endpoint} with HTTP {status}: {message}.",
+                message=message,
+                status_code=status,
+            )
+        raise PerError(f"Per answered {endpoint} with HTTP {status}.", status_code=status)
+    if not isinstance(body, dict) or not isinstance(body.get("ok"), bool):
+        raise PerTransportError(
+            f"Per answered {endpoint} with HTTP {status} but not with a JSON object "
+            "holding a boolean 'ok'.",
+            status_code=status,
+        )
+    if body["ok"] is False:
+        message = body.get("message")
+        code = message if isinstance(message, str) else "unknown_error"
+        if code == "invalid_auth_token":
+            raise PerAuthError(
+                f"Per refused the token for {endpoint} (invalid_auth_token).", status_code=status
+            )
+        raise PerAPIError(f"Per rejected {endpoint}: {code}.", message=code, status_code=status)
+    return body.get("result")
+
+
+def _transaction_id(result: Any) -> str:
+    if isinstance(result, dict):
+        tid = result.get("transactionId")
+        if isinstance(tid, str):
+            return tid
+    raise PerTransportError("Per answered activities.add without a transactionId.")
+
+
+def _report(result: Any) -> Report:
+    try:
+        return Report.from_result(result)
+    except ValueError as exc:
+        raise PerTransportError(f"Per's report could not be read: {exc}.") from None
+
+
+def transport_error(endpoint: str, base_url: str, exc: httpx.HTTPError) -> PerTransportError:
+    """Wrap an httpx failure in a retryable :class:`PerTransportError` (no token inside)."""
+    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+    detail = str(exc).strip().rstrip(".")
+    detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return PerTransportError(f"Request to {base_url}/{endpoint} {kind} ({detail}).")
+
+
+def report_params(start: datetime | str | None, end: datetime | str | None) -> dict[str, str]:
+    """Validate report bounds and return the query parameters Per expects."""
+    if start is None:
+        if end is not None:
+            raise ValueError("end can only be given together with start")
+        return {}
+    start_dt = parse_timestamp(start, "start")
+    params = {"start": format_timestamp(start_dt)}
+    if end is not None:
+        end_dt = parse_timestamp(end, "end")
+        if start_dt > end_dt:
+            raise ValueError("start must not be later than end")
+        params["end"] = format_timestamp(end_dt)
+    return params
+
+
+def activity_params(
+    billing_id: object, user_id: object, activity_type_id: object
+) -> dict[str, str]:
+    """Validate the three IDs and return the ``activities.add`` query parameters."""
+    return {
+        "billingId": validate_id(billing_id, "billing_id"),
+        "userId": validate_id(user_id, "user_id"),
+        "activityTypeId": validate_id(activity_type_id, "activity_type_id"),
+    }
+
+
+# --------------------------------------------------------------------------- the twins
+
+
+class _ClientConfig:
+    """Everything both twins share: tokens, base URL, headers, timeout."""
+
+    __slots__ = ("_activity_token", "_reporting_token", "base_url", "timeout")
+
+    def __init__(
+        self,
+        token: str | None,
+        reporting_token: str | None,
+        base_url: str | None,
+        timeout: float,
+        *,
+        reporting: bool,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.timeout = float(timeout)
+        if reporting:
+            token = token if token is not None else _env_token(REPORTING_TOKEN_ENV)
+            if token is None:
+                raise ValueError(f"No reporting token: pass token= or set {REPORTING_TOKEN_ENV}.")
+            reporting_token = token
+        else:
+            if token is None:
+                token = _env_token(ACTIVITY_TOKEN_ENV)
+            if reporting_token is None:
+                reporting_token = _env_token(REPORTING_TOKEN_ENV) or token
+            if token is None and reporting_token is None:
+                raise ValueError(
+                    f"No Per token: pass token= or set {ACTIVITY_TOKEN_ENV} "
+                    f"(and {REPORTING_TOKEN_ENV} for reports)."
+                )
+        self._activity_token = None if token is None else check_token(token)
+        self._reporting_token = (
+            None if reporting_token is None else check_token(reporting_token, "reporting_token")
+        )
+
+    def auth(self, reporting: bool) -> dict[str, str]:
+        token = self._reporting_token if reporting else self._activity_token
+        if token is None:
+            which = REPORTING_TOKEN_ENV if reporting else ACTIVITY_TOKEN_ENV
+            raise ValueError(f"This client has no token for that call: set {which}.")
+        return {"Authorization": f"Bearer {token}"}
+
+
+class PerClient:
+    """A blocking Per client with one pooled connection set.
+
+    Args:
+        token: the activity token; defaults to ``PER_ACTIVITY_TOKEN``.
+        reporting_token: the token for :meth:`get_report`; defaults to
+            ``PER_REPORTING_TOKEN``, then to ``token`` (a token may carry both scopes).
+        base_url: defaults to ``PER_BASE_URL``, then ``https://api.useper.com``.
+        timeout: seconds for connect, read and write of each request.
+        transport: an httpx transport, for custom networking.
+
+    Use :meth:`for_reporting` for a client that only reads reports.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        reporting_token: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        _reporting: bool = False,
+    ) -> None:
+        self._config = _ClientConfig(
+            token, reporting_token, base_url, timeout, reporting=_reporting
+        )
+        self._http = httpx.Client(
+            base_url=self._config.base_url,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            timeout=self._config.timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    @classmethod
+    def for_reporting(cls, token: str | None = None, **kwargs: Any) -> PerClient:
+        """A client for :meth:`get_report` whose token defaults to ``PER_REPORTING_TOKEN``."""
+        return cls(token, _reporting=True, **kwargs)
+
+    @property
+    def base_url(self) -> str:
+        """The Per endpoint this client talks to."""
+        return self._config.base_url
+
+    def __repr__(self) -> str:
+        return f"PerClient(base_url={self._config.base_url!r}, token=<hidden>)"
+
+    def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
+        """Record one activity now and return Per's ``transactionId``.
+
+        Raises:
+            TypeError, ValueError: an ID is invalid (before any request).
+            PerError: the matching subclass when the call did not succeed.
+        """
+        params = activity_params(billing_id, user_id, activity_type_id)
+        return _transaction_id(self._get(_ADD_PATH, params, reporting=False))
+
+    def get_report(
+        self, start: datetime | str | None = None, end: datetime | str | None = None
+    ) -> Report:
+        """Fetch the unique-user report for ``[start, end]``.
+
+        With neither bound Per reports the whole prior calendar month; with only
+        ``start`` the end is unbounded. Bounds are aware datetimes or ISO 8601
+        strings and are sent in UTC.
+
+        Raises:
+            ValueError: a naive datetime, ``end`` without ``start``, or ``start > end``.
+            PerError: the matching subclass when the call did not succeed.
+        """
+        params = report_params(start, end)
+        return _report(self._get(_REPORT_PATH, params, reporting=True))
+
+    def _get(self, path: str, params: dict[str, str], *, reporting: bool) -> Any:
+        headers = self._config.auth(reporting)
+        endpoint = path.lstrip("/")
+        try:
+            response = self._http.get(path, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise transport_error(endpoint, self._config.base_url, exc) from exc
+        return interpret_response(
+            endpoint, response.status_code, response.headers, response.content
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> PerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncPerClient:
+    """The asyncio twin of :class:`PerClient`: same arguments, awaitable methods."""
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        reporting_token: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        _reporting: bool = False,
+    ) -> None:
+        self._config = _ClientConfig(
+            token, reporting_token, base_url, timeout, reporting=_reporting
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self._config.base_url,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            timeout=self._config.timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    @classmethod
+    def for_reporting(cls, token: str | None = None, **kwargs: Any) -> AsyncPerClient:
+        """A client for :meth:`get_report` whose token defaults to ``PER_REPORTING_TOKEN``."""
+        return cls(token, _reporting=True, **kwargs)
+
+    @property
+    def base_url(self) -> str:
+        """The Per endpoint this client talks to."""
+        return self._config.base_url
+
+    def __repr__(self) -> str:
+        return f"AsyncPerClient(base_url={self._config.base_url!r}, token=<hidden>)"
+
+    async def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
+        """Record one activity now and return Per's ``transactionId`` (see :class:`PerClient`)."""
+        params = activity_params(billing_id, user_id, activity_type_id)
+        return _transaction_id(await self._get(_ADD_PATH, params, reporting=False))
+
+    async def get_report(
+        self, start: datetime | str | None = None, end: datetime | str | None = None
+    ) -> Report:
+        """Fetch the unique-user report for ``[start, end]`` (see :meth:`PerClient.get_report`)."""
+        params = report_params(start, end)
+        return _report(await self._get(_REPORT_PATH, params, reporting=True))
+
+    async def _get(self, path: str, params: dict[str, str], *, reporting: bool) -> Any:
+        headers = self._config.auth(reporting)
+        endpoint = path.lstrip("/")
+        try:
+            response = await self._http.get(path, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise transport_error(endpoint, self._config.base_url, exc) from exc
+        return interpret_response(
+            endpoint, response.status_code, response.headers, response.content
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncPerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
