@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import tenacity
 
+from ._transport import LeanTransport, use_lean_transport
 from .client import AsyncPerClient
 from .errors import PerAuthError, PerError, PerRateLimitError, PerTransportError, QueueError
 from .models import Activity
@@ -287,6 +288,8 @@ class DeliveryWorker:
         transport = (
             self._transport_factory()
             if self._transport_factory is not None
+            else LeanTransport()
+            if use_lean_transport()
             else httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
             )

@@ -135,7 +135,8 @@ class Recorder:
         self._clock = config.clock
         self._enabled = config.enabled
         self._sync = config.durability == "sync"
-        self._default_type = config.activity_type_id
+        # a disabled recorder (development, tests) needs no activity type to accept calls
+        self._default_type = config.activity_type_id or (None if self._enabled else "unset")
         self._coalescer = Coalescer(config.coalesce_window, config.coalesce_max_keys)
         self._recorded = 0
         self._coalesced = 0
@@ -148,10 +149,8 @@ class Recorder:
         self._last_error: str | None = None
         self._queue: DurableQueue | None = None
         self._reset_process_state()
-        if self._enabled:
-            self._open_queue()
-            if self._queue is not None and self._backlog():
-                self._ensure_threads()
+        if self._enabled and self._open_queue() and self._backlog():
+            self._ensure_threads()
         _registry.add(self)
 
     # ------------------------------------------------------------------ setup
@@ -203,8 +202,8 @@ class Recorder:
             )
             self._committer = committer
             committer.start()
-        if self._worker is None and self._queue is not None and self._config.token:
-            config = self._config
+        config = self._config
+        if self._worker is None and self._queue is not None and config.token:
             worker = DeliveryWorker(
                 self._queue,
                 token=config.token,
