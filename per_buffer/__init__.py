@@ -12,6 +12,8 @@ Quick start::
     per_buffer.record("acme-corp", "user-42")   # reads PER_ACTIVITY_TOKEN, PER_ACTIVITY_TYPE_ID
 """
 
+import logging as _logging
+
 from ._version import __version__
 from .client import AsyncPerClient, PerClient
 from .config import RecorderConfig
@@ -34,6 +36,9 @@ from .recorder import (
     record,
     shutdown,
 )
+
+# A library adds no handler of its own: the application decides where logs go.
+_logging.getLogger("per_buffer").addHandler(_logging.NullHandler())
 
 __all__ = [
     "MAX_ID_LENGTH",

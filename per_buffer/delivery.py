@@ -316,15 +316,15 @@ class DeliveryWorker:
                     continue
                 self._idle = True
                 try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                    await _wait_event(self._wake, delay)
                 finally:
                     self._idle = False
         finally:
+            for _ in senders:
+                self._work.put_nowait(None)  # a sender between awaits ends on this
             for task in senders:
-                task.cancel()
-            await asyncio.gather(*senders, return_exceptions=True)
+                task.cancel()  # a sender inside a request ends on this
+            await asyncio.wait(senders, timeout=2.0)
             self._apply_results()
             self._return_unfinished()
             for client in clients:
@@ -381,16 +381,22 @@ class DeliveryWorker:
             item = await work.get()
             if item is None:
                 return
+            if self._stopping:
+                self._finish(_Outcome(item[0], item[1], _HOLD))
+                continue
             if self._gated():
                 async with self._probe_lock:  # one request at a time while failing
                     await self._wait_gate()
-                    if self._stopping:
+                    if self._stop_requested():  # may have changed while waiting
                         self._finish(_Outcome(item[0], item[1], _HOLD))
                         continue
                     if self._gated():
                         await self._send(client, *item)
                         continue
             await self._send(client, *item)
+
+    def _stop_requested(self) -> bool:
+        return self._stopping
 
     def _gated(self) -> bool:
         return self._degraded or self.stats.paused_until is not None
@@ -416,11 +422,7 @@ class DeliveryWorker:
         deadline = time.monotonic() + seconds
         while not self._stopping:
             left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._interrupt.wait(), left)
-            except asyncio.TimeoutError:
+            if left <= 0 or not await _wait_event(self._interrupt, left):
                 return False
             if flushable:
                 return True
@@ -622,3 +624,17 @@ class DeliveryWorker:
             "claims": len(self._claims),
             "flushing": self._flushing > 0,
         }
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` up to ``timeout``; True if set. Unlike ``asyncio.wait_for`` on
+    Python < 3.12, a cancellation arriving as the event fires is never swallowed."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    return bool(done)
