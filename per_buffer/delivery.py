@@ -309,8 +309,7 @@ class DeliveryWorker:
         try:
             while not self._stopping:
                 self._wake.clear()
-                self._apply_results()
-                delay = self._dispatch()
+                delay = self._dispatch() if self._apply_results() else self._poll_interval
                 if delay == 0.0:
                     await asyncio.sleep(0)
                     continue
@@ -562,11 +561,17 @@ class DeliveryWorker:
         if len(self._results) >= self._batch or work is None or work.empty():
             self._set_wake()
 
-    def _apply_results(self) -> None:
-        """Write finished outcomes to the queue, grouped per claim and kind."""
+    def _apply_results(self) -> bool:
+        """Write finished outcomes to the queue, grouped per claim and kind.
+
+        Returns False when the queue refused some (disk full, locked): those
+        outcomes are kept and written on a later pass, so our own lease never
+        strands entries until it expires.
+        """
         results, self._results = self._results, []
         if not results:
-            return
+            return True
+        unapplied: list[_Outcome] = []
         groups: dict[tuple[str, int, bool, int], list[_Outcome]] = {}
         for outcome in results:
             bucket = outcome.entry.attempts if outcome.kind == _RETRY else 0
@@ -592,16 +597,19 @@ class DeliveryWorker:
                 else:
                     self.queue.release(claim, ids, not_before=0.0, count_attempt=False)
             except QueueError as exc:
-                # The lease stays; it expires and the entries come back (at-least-once).
                 self._note_queue_error(exc)
+                unapplied.extend(items)
+                continue
             state = self._claims.get(lease_id)
             if state is not None:
                 state[1].difference_update(ids)
                 if not state[1]:
                     del self._claims[lease_id]
             self._held -= len(ids)
+        self._results[:0] = unapplied
         with self._cond:
             self._cond.notify_all()
+        return not unapplied
 
     def _return_unfinished(self) -> None:
         for claim, _ in list(self._claims.values()):
