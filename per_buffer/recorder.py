@@ -135,6 +135,7 @@ class Recorder:
         self._clock = config.clock
         self._enabled = config.enabled
         self._sync = config.durability == "sync"
+        self._commit_interval = config.commit_interval
         # a disabled recorder (development, tests) needs no activity type to accept calls
         self._default_type = config.activity_type_id or (None if self._enabled else "unset")
         self._coalescer = Coalescer(config.coalesce_window, config.coalesce_max_keys)
@@ -163,6 +164,7 @@ class Recorder:
         self._buffer: list[tuple[Activity, float]] = []
         self._held: deque[tuple[Activity, float]] = deque()
         self._commit_pending = False
+        self._buffer_since = 0.0
         self._commit_wake = threading.Event()
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
@@ -257,7 +259,7 @@ class Recorder:
             self._after_fork_in_child()
         now = self._clock()
         activity = Activity(billing_id, user_id, type_id)
-        wake = False
+        wake = overdue = False
         with self._lock:
             if self._closed:
                 self._dropped["closed"] = self._dropped.get("closed", 0) + 1
@@ -272,11 +274,19 @@ class Recorder:
             if not self._enabled:
                 return
             if not self._sync:
-                self._buffer.append((activity, now))
+                buffer = self._buffer
+                if not buffer:
+                    self._buffer_since = now
+                buffer.append((activity, now))
                 if not self._commit_pending:
                     self._commit_pending = True
                     wake = True
-        if self._sync:
+                # The committer thread is late (a CPU-bound caller starves it of the GIL):
+                # commit here, so nothing stays in memory much past commit_interval.
+                overdue = now - self._buffer_since > self._commit_interval
+        if overdue:
+            self._commit()
+        elif self._sync:
             self._commit([(activity, now)])
             if self._held:
                 self._ensure_threads()

@@ -1,0 +1,1435 @@
+"""A fast, real Per-compatible HTTP server for tests, benchmarks and demos.
+
+:class:`PerServer` listens on loopback and speaks enough HTTP/1.1 (keep-alive,
+pipelining, ``Connection: close``) to stand in for ``https://api.useper.com``:
+``GET /activities.add`` and ``GET /reports.get`` behave as Per documents them
+(see the project's notes on the API), and every failure a real deployment can
+show is injectable on demand: 503 pages, 429 with or without ``Retry-After``,
+``ok: false``, 401, HTML bodies, hanging requests, dropped connections and full
+outages (connection refused). It runs its own asyncio event loop in a daemon
+thread and uses the standard library only::
+
+    from per_buffer.testing import PerServer
+
+    with PerServer() as server:
+        client = PerClient(server.activity_token, base_url=server.url)
+        client.add_activity("acme", "u1", "login")
+        assert server.wait_for_activities(1, timeout=5)
+        server.inject("503", count=2)          # the next two requests fail
+
+Run it as its own process with ``python -m per_buffer.testing`` (see
+:func:`main`); :class:`PerServerProcess` starts such a process and drives it
+through its control port, which keeps answering during an :meth:`PerServer.outage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import random
+import re
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from array import array
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import IO, Any, Final, TypeVar
+from urllib.parse import parse_qs, urlencode
+
+__all__ = [
+    "DEFAULT_ACTIVITY_TOKEN",
+    "DEFAULT_REPORTING_TOKEN",
+    "FAULT_KINDS",
+    "PerServer",
+    "PerServerProcess",
+    "ReceivedActivity",
+    "main",
+]
+
+#: The activity-scoped token a :class:`PerServer` accepts unless told otherwise.
+DEFAULT_ACTIVITY_TOKEN: Final = "test-activity-token"
+#: The reporting-scoped token a :class:`PerServer` accepts unless told otherwise.
+DEFAULT_REPORTING_TOKEN: Final = "test-reporting-token"
+#: The fault kinds :meth:`PerServer.inject` understands.
+FAULT_KINDS: Final = frozenset({"503", "429", "ok_false", "401", "non_json", "hang", "drop"})
+
+_T = TypeVar("_T")
+
+_ADD_PATH: Final = "/activities.add"
+_REPORT_PATH: Final = "/reports.get"
+_ID_ALPHABET: Final = string.ascii_lowercase + string.digits
+_MAX_HEAD: Final = 64 * 1024
+_MAX_BUFFERED: Final = 1024 * 1024
+_UTC: Final = timezone.utc
+
+_COUNTER_KEYS: Final = (
+    "requests",
+    "ok",
+    "auth_error",
+    "api_error",
+    "fault_503",
+    "fault_429",
+    "fault_ok_false",
+    "fault_401",
+    "fault_non_json",
+    "fault_hang",
+    "fault_drop",
+    "not_found",
+    "method_not_allowed",
+    "bad_request",
+    "reports",
+)
+
+# What the protocol does with a request once the server has decided.
+_RESPOND: Final = 0
+_HANG: Final = 1
+_DROP: Final = 2
+
+_REASONS: Final = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+_JSON: Final = b"application/json"
+_HTML: Final = b"text/html; charset=utf-8"
+
+_HTML_503: Final = (
+    b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n"
+    b"<body>\r\n<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n"
+    b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+_HTML_200: Final = (
+    b"<!DOCTYPE html>\n<html><head><title>Per</title></head>"
+    b"<body><h1>We'll be right back</h1><p>Per is down for maintenance.</p></body></html>\n"
+)
+_BODY_401: Final = b'{"ok":false,"message":"invalid_auth_token"}'
+_BODY_429: Final = b'{"ok":false,"message":"rate_limited"}'
+_BODY_404: Final = b'{"ok":false,"message":"not_found"}'
+_BODY_405: Final = b'{"ok":false,"message":"method_not_allowed"}'
+_BODY_400: Final = b'{"ok":false,"message":"bad_request"}'
+_OK_PREFIX: Final = b'{"ok":true,"result":{"transactionId":"'
+_OK_SUFFIX: Final = b'"}}'
+# Every success response has the same length, so its head is built once.
+_OK_HEAD: Final = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(_OK_PREFIX) + 18 + len(_OK_SUFFIX)).encode()
+    + b"\r\n\r\n"
+)
+_OK_HEAD_CLOSE: Final = _OK_HEAD[:-2] + b"Connection: close\r\n\r\n"
+
+
+def _response(
+    status: int, body: bytes, content_type: bytes = _JSON, extra_headers: bytes = b""
+) -> bytes:
+    """Return a complete HTTP/1.1 response without a ``Connection`` header."""
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        status,
+        _REASONS.get(status, b"Unknown"),
+        content_type,
+        len(body),
+        extra_headers,
+        body,
+    )
+
+
+def _json_body(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def _close_variant(response: bytes) -> bytes:
+    """Insert ``Connection: close`` into a response built by :func:`_response`."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    return head + b"\r\nConnection: close" + sep + body
+
+
+_R_401: Final = _response(401, _BODY_401)
+_R_404: Final = _response(404, _BODY_404)
+_R_405: Final = _response(405, _BODY_405, extra_headers=b"Allow: GET\r\n")
+_R_400: Final = _response(400, _BODY_400)
+_R_503: Final = _response(503, _HTML_503, _HTML)
+_R_NON_JSON: Final = _response(200, _HTML_200, _HTML)
+
+
+# --------------------------------------------------------------------------- dates
+
+_ISO_RE: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?"
+)
+
+
+def _parse_when(value: datetime | str) -> datetime:
+    """Parse an ISO 8601 bound (``Z``, offsets, fractions; naive means UTC) to an aware UTC time.
+
+    Raises:
+        ValueError: with the message ``invalid_date``.
+    """
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        match = _ISO_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError("invalid_date")
+        year, month, day, hour, minute, second, fraction, zone = match.groups()
+        micro = int((fraction or "0")[:6].ljust(6, "0"))
+        tz = _UTC
+        if zone and zone not in ("Z", "z"):
+            digits = zone[1:].replace(":", "")
+            minutes = int(digits[:2]) * 60 + int(digits[2:4] or "0")
+            if minutes >= 24 * 60:
+                raise ValueError("invalid_date")
+            tz = timezone(timedelta(minutes=minutes if zone[0] == "+" else -minutes))
+        try:
+            moment = datetime(
+                int(year),
+                int(month),
+                int(day),
+                int(hour or 0),
+                int(minute or 0),
+                int(second or 0),
+                micro,
+                tzinfo=tz,
+            )
+        except ValueError:
+            raise ValueError("invalid_date") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_UTC)
+    return moment.astimezone(_UTC)
+
+
+def _format_when(moment: datetime) -> str:
+    """Format like Per: ``2018-12-31T23:59:59.999Z`` (UTC, milliseconds)."""
+    moment = moment.astimezone(_UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+def _bounds(
+    start: datetime | str | None, end: datetime | str | None, now: float
+) -> tuple[float, float, bool, str, str | None]:
+    """Return ``(low, high, high_inclusive, start_text, end_text)`` for a report request.
+
+    Raises:
+        ValueError: ``end_without_start`` or ``invalid_date``.
+    """
+    if start == "":
+        start = None
+    if end == "":
+        end = None
+    if start is None:
+        if end is not None:
+            raise ValueError("end_without_start")
+        today = datetime.fromtimestamp(now, _UTC)
+        this_month = today.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        last_month = (this_month - timedelta(days=1)).replace(day=1)
+        shown_end = this_month - timedelta(milliseconds=1)
+        # high is exclusive: nothing between 23:59:59.999 and midnight falls through the gap
+        return (
+            last_month.timestamp(),
+            this_month.timestamp(),
+            False,
+            _format_when(last_month),
+            _format_when(shown_end),
+        )
+    low = _parse_when(start)
+    if end is None:
+        return low.timestamp(), float("inf"), True, _format_when(low), None
+    high = _parse_when(end)
+    return low.timestamp(), high.timestamp(), True, _format_when(low), _format_when(high)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ReceivedActivity:
+    """One activity a :class:`PerServer` accepted through ``activities.add``."""
+
+    billing_id: str
+    user_id: str
+    activity_type_id: str
+    #: Unix seconds from the server's clock at the moment it accepted the activity.
+    timestamp: float
+    transaction_id: str
+
+
+@dataclass
+class _Fault:
+    kind: str
+    retry_after: str | None
+    message: str
+    response: bytes  # prebuilt; empty for hang and drop
+
+
+def _fault_response(kind: str, retry_after: str | None, message: str) -> bytes:
+    if kind == "503":
+        return _R_503
+    if kind == "429":
+        extra = b"" if retry_after is None else b"Retry-After: %s\r\n" % retry_after.encode()
+        return _response(429, _BODY_429, extra_headers=extra)
+    if kind == "ok_false":
+        return _response(200, _json_body({"ok": False, "message": message}))
+    if kind == "401":
+        return _R_401
+    if kind == "non_json":
+        return _R_NON_JSON
+    return b""
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: a minimal parser with keep-alive and in-order pipelining."""
+
+    __slots__ = (
+        "_buf",
+        "_busy",
+        "_control",
+        "_generation",
+        "_paused",
+        "_server",
+        "_timer",
+        "transport",
+    )
+
+    def __init__(self, server: PerServer, control: bool, generation: int = 0) -> None:
+        self._server = server
+        self._control = control
+        self._generation = generation
+        self._buf = b""
+        self._busy = False  # a response is pending (latency, hang or a control task)
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    # asyncio callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._control:
+            self._server._control_conns.add(self)
+        elif self._generation != self._server._generation:
+            # accepted by a listener an outage has closed since: refuse it too
+            transport.abort()
+            self.transport = None
+        else:
+            self._server._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self._server
+        server._conns.discard(self)
+        server._control_conns.discard(self)
+        server._hanging.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport = None
+        self._buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buf = self._buf + data if self._buf else data
+        if self._busy:
+            if len(self._buf) > _MAX_BUFFERED and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+            return
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: answer what is pending, then close.
+        return True if self._busy else None
+
+    # request handling ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (from the loop thread)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close the connection at once, dropping anything unsent."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _process(self) -> None:
+        transport = self.transport
+        while transport is not None and not self._busy and self._buf:
+            buf = self._buf
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    self._bad_request(_close_variant(_response(431, _BODY_400)))
+                return
+            lines = buf[:end].split(b"\r\n")
+            request_line = lines[0].split(b" ")
+            if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
+                self._bad_request(_close_variant(_R_400))
+                return
+            method, target, version = request_line
+            keep_alive = version != b"HTTP/1.0"
+            authorization: bytes | None = None
+            length = 0
+            chunked = False
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"authorization":
+                    authorization = value.strip()
+                elif name == b"connection":
+                    tokens = value.lower()
+                    if b"close" in tokens:
+                        keep_alive = False
+                    elif b"keep-alive" in tokens:
+                        keep_alive = True
+                elif name == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        length = -1
+                elif name == b"transfer-encoding":
+                    chunked = True
+            if length < 0 or chunked:
+                keep_alive = False  # a body we will not parse: answer, then close
+                length = 0
+            rest = end + 4 + length
+            if len(buf) < rest:
+                return  # wait for the rest of the body
+            self._buf = buf[rest:]
+            if self._control:
+                self._busy = True
+                task = asyncio.ensure_future(self._server._control_request(method, target))
+                self._server._keep(task)
+                task.add_done_callback(functools.partial(self._control_done, keep_alive=keep_alive))
+                return
+            action, response, delay = self._server._api_request(method, target, authorization)
+            if action == _DROP:
+                transport.close()
+                self._buf = b""
+                return
+            if action == _HANG:
+                self._busy = True
+                self._server._hanging.add(self)
+                return
+            if not keep_alive:
+                response = (
+                    _OK_HEAD_CLOSE + response[len(_OK_HEAD) :]
+                    if response.startswith(_OK_HEAD)
+                    else _close_variant(response)
+                )
+            if delay > 0:
+                self._busy = True
+                self._timer = asyncio.get_running_loop().call_later(
+                    delay, self._finish, response, not keep_alive
+                )
+                return
+            transport.write(response)
+            if not keep_alive:
+                transport.close()
+                self.transport = None
+                return
+
+    def _bad_request(self, response: bytes) -> None:
+        if not self._control:
+            self._server._count("bad_request")
+        self._busy = True
+        self._finish(response, True)
+
+    def _finish(self, response: bytes, close: bool) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(response)
+        if close:
+            transport.close()
+            return
+        self._busy = False
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        self._process()
+
+    def _control_done(self, task: asyncio.Future[bytes], *, keep_alive: bool) -> None:
+        if task.cancelled():
+            self.abort()
+            return
+        error = task.exception()
+        if error is not None:
+            body = _json_body({"ok": False, "message": f"{type(error).__name__}: {error}"})
+            response = _response(500, body)
+        else:
+            response = task.result()
+        if not keep_alive:
+            response = _close_variant(response)
+        self._finish(response, not keep_alive)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class PerServer:
+    """A real Per-compatible HTTP server on loopback, with injectable faults.
+
+    Every method is thread-safe and may be called while the server runs. The
+    server answers ``GET /activities.add`` (activity tokens) and
+    ``GET /reports.get`` (reporting tokens) as Per documents them, ``404`` for
+    other paths and ``405`` for other methods.
+
+    Args:
+        host: the address to listen on.
+        port: the port; ``0`` picks a free one (see :attr:`port` after :meth:`start`).
+        activity_tokens: bearer tokens with the ``activity`` scope.
+        reporting_tokens: bearer tokens with the ``reporting`` scope.
+        clock: returns "now" in unix seconds; timestamps activities and anchors
+            the default report period (the prior calendar month, UTC).
+        latency: seconds added to every API response (faults included, except
+            ``hang`` and ``drop``); never blocks the event loop.
+        seed: seeds the random generator behind rate-based faults.
+        keep_activities: ``False`` keeps only counters and the per-user
+            timestamps reports need, not the :attr:`activities` list (for long
+            benchmarks).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        activity_tokens: Iterable[str] = (DEFAULT_ACTIVITY_TOKEN,),
+        reporting_tokens: Iterable[str] = (DEFAULT_REPORTING_TOKEN,),
+        clock: Callable[[], float] = time.time,
+        latency: float = 0.0,
+        seed: int | None = None,
+        keep_activities: bool = True,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._activity_tokens = _token_list(activity_tokens, "activity_tokens")
+        self._reporting_tokens = _token_list(reporting_tokens, "reporting_tokens")
+        self._activity_auth = _auth_set(self._activity_tokens)
+        self._reporting_auth = _auth_set(self._reporting_tokens)
+        self._clock = clock
+        self._latency = _check_latency(latency)
+        self._rng = random.Random(seed)
+        self._id_rng = random.Random()
+        self._keep_activities = keep_activities
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
+        self._activities: list[ReceivedActivity] = []
+        self._accepted = 0
+        # (activity type, billing id) -> user id -> timestamps it was seen at
+        self._index: dict[tuple[str, str], dict[str, array[float]]] = {}
+        self._count_fault: _Fault | None = None
+        self._count_left = 0
+        self._rate_faults: dict[str, tuple[float, _Fault]] = {}
+
+        # owned by the event-loop thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None  # the API port (own accept loop)
+        self._control_server: asyncio.Server | None = None
+        self._control_port: int | None = None
+        self._conns: set[_Connection] = set()
+        self._control_conns: set[_Connection] = set()
+        self._hanging: set[_Connection] = set()
+        self._generation = 0  # bumped by every listen and outage
+        self._tasks: set[asyncio.Task[Any]] = set()  # strong references while they run
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> PerServer:
+        """Bind and start serving in a daemon thread; return ``self``.
+
+        Raises:
+            RuntimeError: already running.
+            OSError: the port cannot be bound.
+        """
+        if self._thread is not None:
+            raise RuntimeError("PerServer is already running")
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=self._run_loop, args=(loop,), name="per-test-server", daemon=True
+        )
+        self._loop, self._thread = loop, thread
+        thread.start()
+        try:
+            self._call(self._listen())
+        except BaseException:
+            self._halt()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Close every connection and listening socket and end the server thread.
+
+        Idempotent. A stopped server may be started again (on the same port).
+        """
+        if self._thread is None:
+            return
+        try:
+            self._call(self._shutdown())
+        finally:
+            self._halt()
+
+    def __enter__(self) -> PerServer:
+        """Start the server (see :meth:`start`)."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server (see :meth:`stop`)."""
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self._thread is not None else "stopped"
+        return f"<PerServer {self.url} {state}>"
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def host(self) -> str:
+        """The address the server listens on."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The listening port (the real one once started, even if ``0`` was asked for)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The base URL to give a client, e.g. ``http://127.0.0.1:54321``."""
+        return _http_url(self._host, self._port)
+
+    @property
+    def control_url(self) -> str | None:
+        """The control channel's base URL once :meth:`serve_control` ran, else ``None``."""
+        return None if self._control_port is None else _http_url(self._host, self._control_port)
+
+    @property
+    def activity_token(self) -> str:
+        """The first accepted activity token."""
+        with self._lock:
+            return self._activity_tokens[0] if self._activity_tokens else ""
+
+    @property
+    def reporting_token(self) -> str:
+        """The first accepted reporting token."""
+        with self._lock:
+            return self._reporting_tokens[0] if self._reporting_tokens else ""
+
+    def set_tokens(
+        self,
+        *,
+        activity_tokens: Iterable[str] | None = None,
+        reporting_tokens: Iterable[str] | None = None,
+    ) -> None:
+        """Replace the accepted activity and/or reporting tokens (``None`` keeps them)."""
+        with self._lock:
+            if activity_tokens is not None:
+                self._activity_tokens = _token_list(activity_tokens, "activity_tokens")
+                self._activity_auth = _auth_set(self._activity_tokens)
+            if reporting_tokens is not None:
+                self._reporting_tokens = _token_list(reporting_tokens, "reporting_tokens")
+                self._reporting_auth = _auth_set(self._reporting_tokens)
+
+    # ------------------------------------------------------------------ what it received
+
+    @property
+    def activities(self) -> list[ReceivedActivity]:
+        """A copy of every accepted activity, in arrival order (empty if not kept)."""
+        with self._lock:
+            return list(self._activities)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A copy of the outcome counters.
+
+        ``requests`` counts every request on the API port; then each request
+        lands in exactly one of: ``ok`` (activity accepted), ``reports`` (report
+        served), ``auth_error`` (401 for a bad or wrongly scoped token),
+        ``api_error`` (``ok: false`` for a missing parameter or bad dates),
+        ``fault_<kind>`` (an injected fault), ``not_found``,
+        ``method_not_allowed`` or ``bad_request``.
+        """
+        with self._lock:
+            return dict(self._counters)
+
+    def unique_count(self) -> int:
+        """The number of distinct (billing id, user id, activity type) accepted so far."""
+        with self._lock:
+            return sum(len(users) for users in self._index.values())
+
+    def report(
+        self, start: datetime | str | None = None, end: datetime | str | None = None
+    ) -> dict[str, Any]:
+        """Return the ``result`` object ``reports.get`` would answer for these bounds.
+
+        Bounds are ISO 8601 strings or datetimes (naive means UTC); neither
+        means the prior calendar month relative to the server clock.
+
+        Raises:
+            ValueError: ``end_without_start`` or ``invalid_date`` (the API's messages).
+        """
+        low, high, inclusive, start_text, end_text = _bounds(start, end, self._clock())
+        types: dict[str, Any] = {}
+        with self._lock:
+            for (kind, billing), users in self._index.items():
+                unique = 0
+                for stamps in users.values():
+                    for stamp in stamps:
+                        if low <= stamp and (stamp <= high if inclusive else stamp < high):
+                            unique += 1
+                            break
+                if unique:
+                    billing_ids = types.setdefault(kind, {"billingIds": {}})["billingIds"]
+                    billing_ids[billing] = {"unique": unique}
+        return {"start": start_text, "end": end_text, "activityTypes": types}
+
+    def reset(self) -> None:
+        """Forget activities, counters and faults (hanging connections are closed)."""
+        with self._changed:
+            self._activities = []
+            self._index = {}
+            self._accepted = 0
+            self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
+            self._count_fault, self._count_left = None, 0
+            self._rate_faults = {}
+            self._changed.notify_all()
+        self._maybe_call(self._release())
+
+    def wait_for_activities(self, n: int, timeout: float) -> bool:
+        """Block until at least ``n`` activities were accepted; ``False`` on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._accepted >= n, timeout)
+
+    def wait_for_requests(self, n: int, timeout: float) -> bool:
+        """Block until at least ``n`` requests reached the API port; ``False`` on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._counters["requests"] >= n, timeout)
+
+    # ------------------------------------------------------------------ faults
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every later API response by ``seconds`` (``0`` for none)."""
+        latency = _check_latency(seconds)
+        with self._lock:
+            self._latency = latency
+
+    def inject(
+        self,
+        kind: str,
+        *,
+        count: int | None = None,
+        rate: float | None = None,
+        retry_after: str | None = None,
+        message: str = "injected_failure",
+    ) -> None:
+        """Make API requests fail in the way ``kind`` says.
+
+        Kinds: ``"503"`` (HTML error page), ``"429"`` (``Retry-After:
+        retry_after`` when given), ``"ok_false"`` (HTTP 200 ``{"ok": false,
+        "message": message}``), ``"401"`` (``invalid_auth_token``),
+        ``"non_json"`` (HTTP 200 with an HTML body), ``"hang"`` (never answer
+        until :meth:`clear_faults`, :meth:`reset`, :meth:`outage` or
+        :meth:`stop`) and ``"drop"`` (close the connection without a response).
+
+        ``count=N`` (the default is ``count=1``): the next ``N`` requests get
+        this fault; it replaces any earlier counted fault. ``rate=F``: from now
+        on until :meth:`clear_faults`, each request gets this fault with
+        probability ``F`` (one rate per kind; several kinds may be active).
+        Counted faults are served before rate faults. Faults hit every request
+        on the API port before authentication; a faulted ``activities.add``
+        records nothing.
+
+        Raises:
+            ValueError: unknown kind, both ``count`` and ``rate``, or out-of-range values.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        if count is not None and rate is not None:
+            raise ValueError("give count or rate, not both")
+        if retry_after is not None and ("\r" in retry_after or "\n" in retry_after):
+            raise ValueError("retry_after must be a single header line")
+        fault = _Fault(kind, retry_after, message, _fault_response(kind, retry_after, message))
+        with self._lock:
+            if rate is not None:
+                if not 0.0 <= rate <= 1.0:
+                    raise ValueError(f"rate must be within [0, 1], not {rate!r}")
+                self._rate_faults[kind] = (rate, fault)
+            else:
+                count = 1 if count is None else count
+                if count < 0:
+                    raise ValueError(f"count must be >= 0, not {count!r}")
+                self._count_fault, self._count_left = fault, count
+
+    def clear_faults(self) -> None:
+        """Remove every injected fault and close the connections of hanging requests."""
+        with self._lock:
+            self._count_fault, self._count_left = None, 0
+            self._rate_faults = {}
+        self._maybe_call(self._release())
+
+    def outage(self) -> None:
+        """Stop listening (new connections are refused) and close every open connection."""
+        self._maybe_call(self._outage())
+
+    def recover(self) -> None:
+        """End an :meth:`outage`: listen again on the same port.
+
+        Raises:
+            OSError: the port was taken by someone else meanwhile.
+        """
+        if self._loop is not None:
+            self._call(self._listen())
+
+    def serve_control(self, port: int = 0) -> str:
+        """Open the control channel (JSON over HTTP, survives :meth:`outage`); return its URL.
+
+        Endpoints: ``/stats``, ``/report?start=&end=``, ``/inject?kind=&count=&rate=&
+        retry_after=&message=``, ``/clear``, ``/outage``, ``/recover``,
+        ``/latency?seconds=``, ``/reset``, ``/tokens?activity=&reporting=``.
+        """
+        if self._loop is None:
+            raise RuntimeError("start the server before its control channel")
+        self._call(self._listen_control(port))
+        url = self.control_url
+        assert url is not None
+        return url
+
+    # ------------------------------------------------------------------ the hot path
+
+    def _count(self, outcome: str) -> None:
+        with self._changed:
+            self._counters["requests"] += 1
+            self._counters[outcome] += 1
+            self._changed.notify_all()
+
+    def _api_request(
+        self, method: bytes, target: bytes, authorization: bytes | None
+    ) -> tuple[int, bytes, float]:
+        """Decide the fate of one API request (runs on the loop thread)."""
+        with self._changed:
+            counters = self._counters
+            counters["requests"] += 1
+            self._changed.notify_all()
+            latency = self._latency
+            fault: _Fault | None = None
+            if self._count_left > 0:
+                self._count_left -= 1
+                fault = self._count_fault
+            elif self._rate_faults:
+                for rate, candidate in self._rate_faults.values():
+                    if self._rng.random() < rate:
+                        fault = candidate
+                        break
+            if fault is not None:
+                counters["fault_" + fault.kind] += 1
+                if fault.kind == "hang":
+                    return _HANG, b"", 0.0
+                if fault.kind == "drop":
+                    return _DROP, b"", 0.0
+                return _RESPOND, fault.response, latency
+            if method != b"GET":
+                counters["method_not_allowed"] += 1
+                return _RESPOND, _R_405, latency
+            path, _, query = target.partition(b"?")
+            if path == b"/activities.add":
+                if authorization not in self._activity_auth:
+                    counters["auth_error"] += 1
+                    return _RESPOND, _R_401, latency
+                params = _params(query)
+                values: list[str] = []
+                for name in ("billingId", "userId", "activityTypeId"):
+                    value = params.get(name)
+                    if not value:
+                        counters["api_error"] += 1
+                        body = _json_body(
+                            {"ok": False, "message": "missing_parameter", "parameter": name}
+                        )
+                        return _RESPOND, _response(200, body), latency
+                    values.append(value)
+                billing, user, kind = values
+                stamp = float(self._clock())
+                tid = "".join(self._id_rng.choices(_ID_ALPHABET, k=18))
+                users = self._index.get((kind, billing))
+                if users is None:
+                    users = self._index[(kind, billing)] = {}
+                stamps = users.get(user)
+                if stamps is None:
+                    users[user] = array("d", (stamp,))
+                elif stamps[-1] != stamp:
+                    stamps.append(stamp)
+                if self._keep_activities:
+                    self._activities.append(ReceivedActivity(billing, user, kind, stamp, tid))
+                self._accepted += 1
+                counters["ok"] += 1
+                return _RESPOND, _OK_HEAD + _OK_PREFIX + tid.encode() + _OK_SUFFIX, latency
+            if path == b"/reports.get":
+                if authorization not in self._reporting_auth:
+                    counters["auth_error"] += 1
+                    return _RESPOND, _R_401, latency
+            else:
+                counters["not_found"] += 1
+                return _RESPOND, _R_404, latency
+        # reports.get with a valid token: computed outside the hot lock section
+        params = _params(query)
+        try:
+            result = self.report(params.get("start"), params.get("end"))
+        except ValueError as error:
+            outcome, body = "api_error", _json_body({"ok": False, "message": str(error)})
+        else:
+            outcome, body = "reports", _json_body({"ok": True, "result": result})
+        with self._lock:
+            self._counters[outcome] += 1
+        return _RESPOND, _response(200, body), latency
+
+    # ------------------------------------------------------------------ control channel
+
+    async def _control_request(self, method: bytes, target: bytes) -> bytes:
+        path_bytes, _, query = target.partition(b"?")
+        path = path_bytes.decode("latin-1")
+        params = _params(query)
+        if method != b"GET":
+            return _R_405
+        try:
+            payload = await self._control_action(path, params)
+        except (ValueError, OSError) as error:
+            return _response(400, _json_body({"ok": False, "message": str(error)}))
+        if payload is None:
+            return _R_404
+        return _response(200, _json_body(payload))
+
+    async def _control_action(self, path: str, params: dict[str, str]) -> Any:
+        ok = {"ok": True}
+        if path == "/stats":
+            with self._lock:
+                counters = dict(self._counters)
+                accepted = self._accepted
+                unique = sum(len(users) for users in self._index.values())
+            return {"counters": counters, "unique": unique, "activities": accepted}
+        if path == "/report":
+            return self.report(params.get("start"), params.get("end"))
+        if path == "/inject":
+            count = params.get("count")
+            rate = params.get("rate")
+            self.inject(
+                params.get("kind", ""),
+                count=int(count) if count else None,
+                rate=float(rate) if rate else None,
+                retry_after=params.get("retry_after") or None,
+                message=params.get("message") or "injected_failure",
+            )
+            return ok
+        if path == "/clear":
+            with self._lock:
+                self._count_fault, self._count_left = None, 0
+                self._rate_faults = {}
+            await self._release()
+            return ok
+        if path == "/outage":
+            await self._outage()
+            return ok
+        if path == "/recover":
+            await self._listen()
+            return ok
+        if path == "/latency":
+            self.set_latency(float(params.get("seconds", "0") or "0"))
+            return ok
+        if path == "/reset":
+            with self._changed:
+                self._activities, self._index, self._accepted = [], {}, 0
+                self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
+                self._count_fault, self._count_left = None, 0
+                self._rate_faults = {}
+            await self._release()
+            return ok
+        if path == "/tokens":
+            activity = params.get("activity")
+            reporting = params.get("reporting")
+            self.set_tokens(
+                activity_tokens=None if activity is None else activity.split(","),
+                reporting_tokens=None if reporting is None else reporting.split(","),
+            )
+            return ok
+        return None
+
+    # ------------------------------------------------------------------ loop plumbing
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def _in_loop_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the server loop and wait for its result."""
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise RuntimeError("PerServer is not running")
+        if self._in_loop_thread():
+            coro.close()
+            raise RuntimeError("this PerServer method cannot be called from its own loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=30)
+
+    def _maybe_call(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop and wait for it; a no-op when the server is stopped."""
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            return
+        if self._in_loop_thread():
+            self._keep(loop.create_task(coro))  # cannot wait for ourselves
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop closed meanwhile
+            coro.close()
+            return
+        future.result(timeout=30)
+
+    def _halt(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        self._listener = None
+        self._control_server = None
+        self._control_port = None
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # already closed
+                loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=10)
+
+    async def _listen(self) -> None:
+        """Open the API port. Its accept loop is hand-made so that an outage is clean.
+
+        (With ``loop.create_server``, a connection accepted just before
+        ``Server.close()`` can be left open, neither served nor closed.)
+        """
+        if self._listener is not None:
+            return
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, address = socket.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(1024)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._generation += 1
+        self._listener = listener
+        self._port = listener.getsockname()[1]
+        loop.add_reader(listener.fileno(), self._accept, listener, self._generation)
+
+    def _accept(self, listener: socket.socket, generation: int) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(128):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ECONNABORTED, EMFILE: try again on the next wake-up
+                return
+            conn.setblocking(False)
+            self._keep(loop.create_task(self._adopt(conn, generation)))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a strong reference to ``task`` until it is done."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt(self, conn: socket.socket, generation: int) -> None:
+        if generation != self._generation:  # an outage began since the accept
+            conn.close()
+            return
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Connection(self, False, generation), sock=conn
+            )
+        except OSError:
+            conn.close()
+
+    async def _listen_control(self, port: int) -> None:
+        if self._control_server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _Connection(self, True), self._host, port, reuse_address=True
+        )
+        self._control_server = server
+        self._control_port = server.sockets[0].getsockname()[1]
+
+    def _go_dark(self) -> list[_Connection]:
+        """Stop listening and abort every API connection; return them (loop thread)."""
+        listener, self._listener = self._listener, None
+        self._generation += 1
+        if listener is not None:
+            asyncio.get_running_loop().remove_reader(listener.fileno())
+            listener.close()  # the kernel resets connections not accepted yet
+        closing = list(self._conns)
+        for conn in closing:
+            conn.abort()
+        self._hanging.clear()
+        return closing
+
+    def _release_hanging(self) -> list[_Connection]:
+        """Close the connections of hanging requests; return them (loop thread)."""
+        closing = list(self._hanging)
+        for conn in closing:
+            conn.close()
+        self._hanging.clear()
+        return closing
+
+    async def _until_closed(self, conns: list[_Connection]) -> None:
+        """Wait until asyncio has really closed ``conns``' sockets (it defers that a tick)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        spins = 0
+        while any(c in self._conns or c in self._control_conns for c in conns):
+            if loop.time() > deadline:
+                return
+            spins += 1
+            await asyncio.sleep(0 if spins < 20 else 0.001)
+
+    async def _outage(self) -> None:
+        closing = self._go_dark()
+        for _ in range(5):  # let accepts already under way reach connection_made (and abort)
+            await asyncio.sleep(0)
+        await self._until_closed(closing + list(self._conns))
+
+    async def _release(self) -> None:
+        await self._until_closed(self._release_hanging())
+
+    async def _shutdown(self) -> None:
+        closing = self._go_dark()
+        server, self._control_server = self._control_server, None
+        if server is not None:
+            server.close()
+        closing += list(self._control_conns)
+        for conn in closing:
+            conn.abort()
+        await self._until_closed(closing)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _http_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def _token_list(tokens: Iterable[str], name: str) -> list[str]:
+    if isinstance(tokens, str):
+        raise TypeError(f"{name} must be an iterable of tokens, not a single str")
+    return [str(token) for token in tokens]
+
+
+def _auth_set(tokens: Iterable[str]) -> frozenset[bytes | None]:
+    """Every ``Authorization`` header value that carries one of ``tokens``."""
+    values: set[bytes | None] = set()
+    for token in tokens:
+        raw = token.encode("utf-8")
+        values.update((b"Bearer " + raw, b"bearer " + raw, b"BEARER " + raw))
+    return frozenset(values)
+
+
+def _check_latency(seconds: float) -> float:
+    latency = float(seconds)
+    if not latency >= 0.0:  # also rejects NaN
+        raise ValueError(f"latency must be >= 0 seconds, not {seconds!r}")
+    return latency
+
+
+def _params(query: bytes) -> dict[str, str]:
+    """Decode a query string (percent-encoding, ``+`` as space, UTF-8); first value wins."""
+    if not query:
+        return {}
+    parsed = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=True)
+    return {name: values[0] for name, values in parsed.items()}
+
+
+# --------------------------------------------------------------------------- other process
+
+
+class PerServerProcess:
+    """A :class:`PerServer` in a child process (``python -m per_buffer.testing``).
+
+    Use it as a context manager. It is driven through the server's control
+    channel, which keeps answering during :meth:`outage`.
+
+    Args:
+        latency: seconds added to every API response.
+        error_rate: the fraction of requests answered with an injected 503.
+        port: the API port; ``0`` picks a free one.
+        seed: seeds the fault generator.
+        keep_activities: ``False`` for long benchmarks (counters and reports only).
+        extra_args: more command-line options for the child (see :func:`main`).
+    """
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        error_rate: float = 0.0,
+        port: int = 0,
+        seed: int | None = None,
+        keep_activities: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        args = ["--port", str(port), "--latency-ms", repr(latency * 1000.0)]
+        if error_rate:
+            args += ["--error-rate", repr(float(error_rate))]
+        if seed is not None:
+            args += ["--seed", str(seed)]
+        if not keep_activities:
+            args.append("--no-keep-activities")
+        args.extend(extra_args)
+        self._args = args
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.url = ""
+        self.control_url = ""
+        self.activity_token = _option(extra_args, "--activity-token") or DEFAULT_ACTIVITY_TOKEN
+        self.reporting_token = _option(extra_args, "--reporting-token") or DEFAULT_REPORTING_TOKEN
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> PerServerProcess:
+        """Spawn the child and wait (up to 15 s) for its listening line; return ``self``.
+
+        Raises:
+            RuntimeError: the child exited or stayed silent.
+        """
+        if self._proc is not None:
+            raise RuntimeError("PerServerProcess is already running")
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            part for part in (package_root, env.get("PYTHONPATH")) if part
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "per_buffer.testing", *self._args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self._proc = proc
+        line = _read_line(proc.stdout, timeout=15.0)
+        match = re.fullmatch(
+            r"per-server listening on (\S+) control (\S+)", line.decode("utf-8", "replace").strip()
+        )
+        if match is None:
+            self.stop()
+            raise RuntimeError(f"per-server child did not start (said {line!r})")
+        self.url, self.control_url = match.group(1), match.group(2)
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM the child, SIGKILL it after 5 s; return its exit status."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        return proc.returncode
+
+    def __enter__(self) -> PerServerProcess:
+        """Start the child (see :meth:`start`)."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the child (see :meth:`stop`)."""
+        self.stop()
+
+    # control calls ------------------------------------------------------------------
+
+    def _get(self, path: str, **params: object) -> Any:
+        if not self.control_url:
+            raise RuntimeError("PerServerProcess is not running")
+        query = urlencode({k: str(v) for k, v in params.items() if v is not None})
+        url = f"{self.control_url}{path}" + (f"?{query}" if query else "")
+        try:
+            with self._opener.open(url, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            body = error.read().decode("utf-8", "replace")
+            try:
+                message = json.loads(body)["message"]
+            except (ValueError, KeyError, TypeError):
+                message = body
+            raise ValueError(f"control {path} failed: {message}") from None
+
+    def stats(self) -> dict[str, Any]:
+        """``{"counters": {...}, "unique": n, "activities": n}`` from the child."""
+        result: dict[str, Any] = self._get("/stats")
+        return result
+
+    def report(
+        self, start: datetime | str | None = None, end: datetime | str | None = None
+    ) -> dict[str, Any]:
+        """The ``result`` object ``reports.get`` would answer (see :meth:`PerServer.report`)."""
+        result: dict[str, Any] = self._get(
+            "/report",
+            start=start.isoformat() if isinstance(start, datetime) else start,
+            end=end.isoformat() if isinstance(end, datetime) else end,
+        )
+        return result
+
+    def inject(
+        self,
+        kind: str,
+        count: int | None = None,
+        rate: float | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        """Inject a fault in the child (see :meth:`PerServer.inject`)."""
+        self._get("/inject", kind=kind, count=count, rate=rate, retry_after=retry_after)
+
+    def clear_faults(self) -> None:
+        """Remove every fault in the child (see :meth:`PerServer.clear_faults`)."""
+        self._get("/clear")
+
+    def outage(self) -> None:
+        """Stop the child's API port (see :meth:`PerServer.outage`)."""
+        self._get("/outage")
+
+    def recover(self) -> None:
+        """Reopen the child's API port (see :meth:`PerServer.recover`)."""
+        self._get("/recover")
+
+    def set_latency(self, seconds: float) -> None:
+        """Set the child's response latency in seconds."""
+        self._get("/latency", seconds=seconds)
+
+    def reset(self) -> None:
+        """Forget the child's activities, counters and faults."""
+        self._get("/reset")
+
+
+def _option(args: Sequence[str], name: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _read_line(stream: IO[bytes] | None, timeout: float) -> bytes:
+    """Read one line from ``stream`` or give up after ``timeout`` seconds (returns b"")."""
+    if stream is None:
+        return b""
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else b""
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve Per on loopback until SIGINT/SIGTERM (``python -m per_buffer.testing --help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m per_buffer.testing",
+        description="A local Per-compatible server for tests, benchmarks and demos.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--control-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--error-rate", type=float, default=0.0, help="fraction of 503 answers")
+    parser.add_argument("--activity-token", action="append", default=None)
+    parser.add_argument("--reporting-token", action="append", default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-keep-activities", action="store_true")
+    options = parser.parse_args(argv)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = PerServer(
+        host=options.host,
+        port=options.port,
+        activity_tokens=options.activity_token or (DEFAULT_ACTIVITY_TOKEN,),
+        reporting_tokens=options.reporting_token or (DEFAULT_REPORTING_TOKEN,),
+        latency=options.latency_ms / 1000.0,
+        seed=options.seed,
+        keep_activities=not options.no_keep_activities,
+    )
+    try:
+        server.start()
+        if options.error_rate > 0:
+            server.inject("503", rate=options.error_rate)
+        control = server.serve_control(options.control_port)
+        print(f"per-server listening on {server.url} control {control}", flush=True)
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
