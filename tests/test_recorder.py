@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from per_buffer.queue import DurableQueue
-from per_buffer.testing import PerServer
 
 import per_buffer
 from per_buffer import DeliveryFailure, PerAPIError, Recorder
+from per_buffer.queue import DurableQueue
+from per_buffer.testing import PerServer
 
 CHILD = str(Path(__file__).with_name("recorder_child.py"))
 FAST = {
@@ -585,3 +585,19 @@ def test_concurrent_record_from_many_threads(server: PerServer, tmp_path: Path) 
     assert stats.recorded == 4000
     assert stats.coalesced == 4000 - 800
     assert len(delivered_users(server)) == 800
+
+
+def test_pid_check_rebuilds_after_a_fork_without_python_hooks(
+    server: PerServer, tmp_path: Path
+) -> None:
+    """uWSGI forks in C without running os.register_at_fork hooks: record() notices the new
+    pid itself. Simulated here: a pid that is not ours, and a lock left held by a thread
+    that did not survive the fork (the classic post-fork deadlock)."""
+    rec = make(server, tmp_path / "q")
+    rec._lock.acquire()  # held by a "parent thread" that does not exist in the child
+    rec._pid = -1  # as if this object was made before a fork in another process
+    rec.record("acme", "after-c-fork")  # must neither deadlock nor lose the activity
+    assert rec._pid == os.getpid()
+    assert rec.flush(timeout=10)
+    rec.close()
+    assert delivered_users(server) == {"after-c-fork"}
