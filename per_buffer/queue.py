@@ -375,17 +375,20 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _payload_size(billing_id: str, user_id: str, activity_type_id: str, error: str | None) -> int:
-    """Payload bytes counted against ``max_bytes`` for one entry."""
-    size = _ENTRY_OVERHEAD + _utf8_len(billing_id) + _utf8_len(user_id)
-    size += _utf8_len(activity_type_id)
-    if error is not None:
-        size += _utf8_len(error)
-    return size
+def _payload_size(billing_id: str, user_id: str, activity_type_id: str) -> int:
+    """Payload bytes counted against ``max_bytes`` for one entry.
+
+    Only what ``put`` admits is counted: a ``last_error`` added by ``release`` (at most
+    ``_MAX_TEXT`` characters) is not, because a leased entry can never be refused for
+    lack of room, so counting it would let ``bytes`` exceed ``max_bytes``.
+    """
+    return (
+        _ENTRY_OVERHEAD + _utf8_len(billing_id) + _utf8_len(user_id) + _utf8_len(activity_type_id)
+    )
 
 
 def _row_size(row: list[Any]) -> int:
-    return _payload_size(row[1], row[2], row[3], row[6])
+    return _payload_size(row[1], row[2], row[3])
 
 
 def _entry(row: list[Any]) -> Entry:
@@ -806,7 +809,7 @@ class DurableQueue:
             if not math.isfinite(stamp):
                 raise ValueError("recorded_at must be a finite number")
             rows.append([0, str(billing_id), str(user_id), str(activity_type_id), stamp, 0, None])
-            sizes.append(_payload_size(billing_id, user_id, activity_type_id, None))
+            sizes.append(_payload_size(billing_id, user_id, activity_type_id))
         if not rows:
             return 0
 
@@ -972,7 +975,6 @@ class DurableQueue:
                 if count_attempt:
                     row[5] += 1
                 if text is not None:
-                    meta.bytes += _payload_size(row[1], row[2], row[3], text) - _row_size(row)
                     row[6] = text
             self._push_group(cache, meta, ready_ms, gone)
             meta.pending += len(gone)
