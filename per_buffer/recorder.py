@@ -20,7 +20,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -96,7 +96,6 @@ class RecorderStats:
     dead_letters: int = 0
     bytes_on_disk: int = 0
     queue_errors: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 _registry: weakref.WeakSet[Recorder] = weakref.WeakSet()
