@@ -24,30 +24,27 @@ through its control port, which keeps answering during an :meth:`PerServer.outag
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
 import json
-import os
 import random
 import re
-import signal
 import socket
 import string
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from array import array
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import IO, Any, Final, TypeVar
-from urllib.parse import parse_qs, urlencode
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs
+
+from ._server_process import PerServerProcess
+from ._server_process import main as _serve
 
 __all__ = [
     "DEFAULT_ACTIVITY_TOKEN",
@@ -1188,247 +1185,12 @@ def _params(query: bytes) -> dict[str, str]:
     return {name: values[0] for name, values in parsed.items()}
 
 
-# --------------------------------------------------------------------------- other process
-
-
-class PerServerProcess:
-    """A :class:`PerServer` in a child process (``python -m per_buffer.testing``).
-
-    Use it as a context manager. It is driven through the server's control
-    channel, which keeps answering during :meth:`outage`.
-
-    Args:
-        latency: seconds added to every API response.
-        error_rate: the fraction of requests answered with an injected 503.
-        port: the API port; ``0`` picks a free one.
-        seed: seeds the fault generator.
-        keep_activities: ``False`` for long benchmarks (counters and reports only).
-        extra_args: more command-line options for the child (see :func:`main`).
-    """
-
-    def __init__(
-        self,
-        *,
-        latency: float = 0.0,
-        error_rate: float = 0.0,
-        port: int = 0,
-        seed: int | None = None,
-        keep_activities: bool = True,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        args = ["--port", str(port), "--latency-ms", repr(latency * 1000.0)]
-        if error_rate:
-            args += ["--error-rate", repr(float(error_rate))]
-        if seed is not None:
-            args += ["--seed", str(seed)]
-        if not keep_activities:
-            args.append("--no-keep-activities")
-        args.extend(extra_args)
-        self._args = args
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        self.url = ""
-        self.control_url = ""
-        self.activity_token = _option(extra_args, "--activity-token") or DEFAULT_ACTIVITY_TOKEN
-        self.reporting_token = _option(extra_args, "--reporting-token") or DEFAULT_REPORTING_TOKEN
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id while it runs."""
-        return None if self._proc is None else self._proc.pid
-
-    def start(self) -> PerServerProcess:
-        """Spawn the child and wait (up to 15 s) for its listening line; return ``self``.
-
-        Raises:
-            RuntimeError: the child exited or stayed silent.
-        """
-        if self._proc is not None:
-            raise RuntimeError("PerServerProcess is already running")
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            part for part in (package_root, env.get("PYTHONPATH")) if part
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "per_buffer.testing", *self._args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        self._proc = proc
-        line = _read_line(proc.stdout, timeout=15.0)
-        match = re.fullmatch(
-            r"per-server listening on (\S+) control (\S+)", line.decode("utf-8", "replace").strip()
-        )
-        if match is None:
-            self.stop()
-            raise RuntimeError(f"per-server child did not start (said {line!r})")
-        self.url, self.control_url = match.group(1), match.group(2)
-        return self
-
-    def stop(self) -> int | None:
-        """SIGTERM the child, SIGKILL it after 5 s; return its exit status."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        return proc.returncode
-
-    def __enter__(self) -> PerServerProcess:
-        """Start the child (see :meth:`start`)."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the child (see :meth:`stop`)."""
-        self.stop()
-
-    # control calls ------------------------------------------------------------------
-
-    def _get(self, path: str, **params: object) -> Any:
-        if not self.control_url:
-            raise RuntimeError("PerServerProcess is not running")
-        query = urlencode({k: str(v) for k, v in params.items() if v is not None})
-        url = f"{self.control_url}{path}" + (f"?{query}" if query else "")
-        try:
-            with self._opener.open(url, timeout=30) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            body = error.read().decode("utf-8", "replace")
-            try:
-                message = json.loads(body)["message"]
-            except (ValueError, KeyError, TypeError):
-                message = body
-            raise ValueError(f"control {path} failed: {message}") from None
-
-    def stats(self) -> dict[str, Any]:
-        """``{"counters": {...}, "unique": n, "activities": n}`` from the child."""
-        result: dict[str, Any] = self._get("/stats")
-        return result
-
-    def report(
-        self, start: datetime | str | None = None, end: datetime | str | None = None
-    ) -> dict[str, Any]:
-        """The ``result`` object ``reports.get`` would answer (see :meth:`PerServer.report`)."""
-        result: dict[str, Any] = self._get(
-            "/report",
-            start=start.isoformat() if isinstance(start, datetime) else start,
-            end=end.isoformat() if isinstance(end, datetime) else end,
-        )
-        return result
-
-    def inject(
-        self,
-        kind: str,
-        count: int | None = None,
-        rate: float | None = None,
-        retry_after: str | None = None,
-    ) -> None:
-        """Inject a fault in the child (see :meth:`PerServer.inject`)."""
-        self._get("/inject", kind=kind, count=count, rate=rate, retry_after=retry_after)
-
-    def clear_faults(self) -> None:
-        """Remove every fault in the child (see :meth:`PerServer.clear_faults`)."""
-        self._get("/clear")
-
-    def outage(self) -> None:
-        """Stop the child's API port (see :meth:`PerServer.outage`)."""
-        self._get("/outage")
-
-    def recover(self) -> None:
-        """Reopen the child's API port (see :meth:`PerServer.recover`)."""
-        self._get("/recover")
-
-    def set_latency(self, seconds: float) -> None:
-        """Set the child's response latency in seconds."""
-        self._get("/latency", seconds=seconds)
-
-    def reset(self) -> None:
-        """Forget the child's activities, counters and faults."""
-        self._get("/reset")
-
-
-def _option(args: Sequence[str], name: str) -> str | None:
-    for index, arg in enumerate(args):
-        if arg == name and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _read_line(stream: IO[bytes] | None, timeout: float) -> bytes:
-    """Read one line from ``stream`` or give up after ``timeout`` seconds (returns b"")."""
-    if stream is None:
-        return b""
-    lines: list[bytes] = []
-    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return lines[0] if lines else b""
-
-
 # --------------------------------------------------------------------------- command line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve Per on loopback until SIGINT/SIGTERM (``python -m per_buffer.testing --help``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m per_buffer.testing",
-        description="A local Per-compatible server for tests, benchmarks and demos.",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--control-port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--error-rate", type=float, default=0.0, help="fraction of 503 answers")
-    parser.add_argument("--activity-token", action="append", default=None)
-    parser.add_argument("--reporting-token", action="append", default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-keep-activities", action="store_true")
-    options = parser.parse_args(argv)
-
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = PerServer(
-        host=options.host,
-        port=options.port,
-        activity_tokens=options.activity_token or (DEFAULT_ACTIVITY_TOKEN,),
-        reporting_tokens=options.reporting_token or (DEFAULT_REPORTING_TOKEN,),
-        latency=options.latency_ms / 1000.0,
-        seed=options.seed,
-        keep_activities=not options.no_keep_activities,
-    )
-    try:
-        server.start()
-        if options.error_rate > 0:
-            server.inject("503", rate=options.error_rate)
-        control = server.serve_control(options.control_port)
-        print(f"per-server listening on {server.url} control {control}", flush=True)
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    return _serve(argv)
 
 
 if __name__ == "__main__":
