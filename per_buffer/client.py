@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -40,6 +40,7 @@ ACTIVITY_TOKEN_ENV: Final = "PER_ACTIVITY_TOKEN"
 REPORTING_TOKEN_ENV: Final = "PER_REPORTING_TOKEN"
 BASE_URL_ENV: Final = "PER_BASE_URL"
 
+_HEADERS: Final = {"User-Agent": USER_AGENT, "Accept": "application/json"}
 _ADD_PATH: Final = "/activities.add"
 _REPORT_PATH: Final = "/reports.get"
 
@@ -286,7 +287,29 @@ class _ClientConfig:
         return {"Authorization": f"Bearer {token}"}
 
 
-class PerClient:
+_Client = TypeVar("_Client", bound="_ClientBase")
+
+
+class _ClientBase:
+    """What the twins share besides I/O: the reporting constructor, base URL, repr."""
+
+    _config: _ClientConfig
+
+    @classmethod
+    def for_reporting(cls: type[_Client], token: str | None = None, **kwargs: Any) -> _Client:
+        """A client for ``get_report`` whose token defaults to ``PER_REPORTING_TOKEN``."""
+        return cls(token, _reporting=True, **kwargs)  # type: ignore[call-arg]
+
+    @property
+    def base_url(self) -> str:
+        """The Per endpoint this client talks to."""
+        return self._config.base_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self._config.base_url!r}, token=<hidden>)"
+
+
+class PerClient(_ClientBase):
     """A blocking Per client with one pooled connection set.
 
     Args:
@@ -315,24 +338,11 @@ class PerClient:
         )
         self._http = httpx.Client(
             base_url=self._config.base_url,
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             timeout=self._config.timeout,
             transport=transport,
+            headers=_HEADERS,
             follow_redirects=False,
         )
-
-    @classmethod
-    def for_reporting(cls, token: str | None = None, **kwargs: Any) -> PerClient:
-        """A client for :meth:`get_report` whose token defaults to ``PER_REPORTING_TOKEN``."""
-        return cls(token, _reporting=True, **kwargs)
-
-    @property
-    def base_url(self) -> str:
-        """The Per endpoint this client talks to."""
-        return self._config.base_url
-
-    def __repr__(self) -> str:
-        return f"PerClient(base_url={self._config.base_url!r}, token=<hidden>)"
 
     def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
         """Record one activity now and return Per's ``transactionId``.
@@ -387,7 +397,7 @@ class PerClient:
         self.close()
 
 
-class AsyncPerClient:
+class AsyncPerClient(_ClientBase):
     """The asyncio twin of :class:`PerClient`: same arguments, awaitable methods."""
 
     def __init__(
@@ -405,24 +415,11 @@ class AsyncPerClient:
         )
         self._http = httpx.AsyncClient(
             base_url=self._config.base_url,
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             timeout=self._config.timeout,
             transport=transport,
+            headers=_HEADERS,
             follow_redirects=False,
         )
-
-    @classmethod
-    def for_reporting(cls, token: str | None = None, **kwargs: Any) -> AsyncPerClient:
-        """A client for :meth:`get_report` whose token defaults to ``PER_REPORTING_TOKEN``."""
-        return cls(token, _reporting=True, **kwargs)
-
-    @property
-    def base_url(self) -> str:
-        """The Per endpoint this client talks to."""
-        return self._config.base_url
-
-    def __repr__(self) -> str:
-        return f"AsyncPerClient(base_url={self._config.base_url!r}, token=<hidden>)"
 
     async def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
         """Record one activity now and return Per's ``transactionId`` (see :class:`PerClient`)."""
