@@ -24,7 +24,7 @@ class Coalescer:
         max_keys: most keys remembered at once.
     """
 
-    __slots__ = ("_seen", "_window_index", "evictions", "max_keys", "window")
+    __slots__ = ("_end", "_seen", "_start", "evictions", "max_keys", "window")
 
     def __init__(self, window: float, max_keys: int = 1_000_000) -> None:
         if window < 0:
@@ -35,7 +35,7 @@ class Coalescer:
         self.max_keys = max_keys
         self.evictions = 0
         self._seen: set[Hashable] = set()
-        self._window_index = -1
+        self._start = self._end = 0.0  # the current window is [_start, _end)
 
     def window_index(self, now: float) -> int:
         """The index of the window holding the unix time ``now`` (0 when disabled)."""
@@ -43,15 +43,16 @@ class Coalescer:
 
     def admit(self, key: Hashable, now: float) -> bool:
         """Return True if ``key`` must be sent (first time in this window), else False."""
-        if not self.window:
-            return True
-        index = int(now // self.window)
         seen = self._seen
-        if index != self._window_index:
-            self._window_index = index
+        if self._start <= now < self._end:
+            if key in seen:
+                return False
+        elif not self.window:
+            return True
+        else:  # a new window (or the clock went back): forget the old one
+            self._start = (now // self.window) * self.window
+            self._end = self._start + self.window
             seen = self._seen = set()
-        elif key in seen:
-            return False
         if len(seen) >= self.max_keys:
             self.evictions += len(seen)
             seen.clear()
@@ -61,7 +62,7 @@ class Coalescer:
     def forget(self) -> None:
         """Drop every remembered key (the next call of each key is admitted)."""
         self._seen = set()
-        self._window_index = -1
+        self._start = self._end = 0.0
 
     def __len__(self) -> int:
         """Keys currently remembered."""

@@ -48,7 +48,8 @@ __all__ = ["DeliveryFailure", "DeliveryStats", "DeliveryWorker"]
 logger = logging.getLogger("per_buffer.delivery")
 
 _RECLAIM_EVERY = 30.0
-_PROBE_DELAY_MAX = 30.0
+_PROBE_DELAY_MAX = 5.0  # longest pause between probes of a failing Per: recovery is quick
+_CLAIM_AHEAD = 16  # entries claimed ahead of the senders, so claims and acks are batched
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class DeliveryWorker:
         self._base_url = base_url
         self._timeout = timeout
         self._concurrency = concurrency
-        self._batch = max(1, min(64, concurrency // 2))
+        self._batch = max(8, min(64, concurrency // 2))
         self._max_attempts = max_attempts
         self._backoff = tenacity.wait_random_exponential(
             multiplier=backoff_initial, max=backoff_max
@@ -218,6 +219,8 @@ class DeliveryWorker:
             while True:
                 if self._drained():
                     return True
+                if not self.running:
+                    return False
                 if deadline is None:
                     self._cond.wait(0.25)
                     continue
@@ -343,10 +346,14 @@ class DeliveryWorker:
         paused = self.stats.paused_until
         if paused is not None and now < paused:
             return min(paused - now, self._poll_interval)
-        capacity = 1 if self._gated() else self._concurrency
-        if self._held >= capacity:
+        if self._gated():  # failing: one entry at a time
+            target, low = 1, 0
+        else:  # keep up to `target` claimed; refill when down to `low`
+            target = max(_CLAIM_AHEAD, 2 * self._concurrency)
+            low = target // 2
+        if self._held > low:
             return None
-        want = (capacity * 2 if capacity > 1 else 1) - self._held
+        want = target - self._held
         try:
             claim = self.queue.claim(
                 want,

@@ -458,8 +458,11 @@ class DurableQueue(_QueueStorage):
         """The queue directory."""
         return self._directory
 
-    def put(self, items: Sequence[tuple[Activity, float]]) -> int:
+    def put(self, items: Sequence[tuple[tuple[str, str, str], float]]) -> int:
         """Store ``(activity, recorded_at)`` pairs in one transaction; return how many.
+
+        ``activity`` is an :class:`Activity` or any ``(billing_id, user_id,
+        activity_type_id)`` tuple of str.
 
         Items refused because the queue is full are counted in ``stats().dropped``
         (``"queue_full"``; ``"evicted_oldest"`` for what ``drop_oldest`` removed or

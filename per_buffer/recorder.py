@@ -29,7 +29,7 @@ from .coalesce import Coalescer
 from .config import RecorderConfig
 from .delivery import DeliveryWorker
 from .errors import QueueError
-from .models import Activity, validate_id
+from .models import MAX_ID_LENGTH, validate_id
 from .queue import DurableQueue
 
 __all__ = [
@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("per_buffer.recorder")
+
+_Key = tuple[str, str, str]  # (billing_id, user_id, activity_type_id)
+_MAX = MAX_ID_LENGTH
+_getpid = os.getpid
+_monotonic = time.monotonic
 
 _HELD_RETRY_MIN = 0.2
 _HELD_RETRY_MAX = 5.0
@@ -160,10 +165,10 @@ class Recorder:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
-        self._buffer: list[tuple[Activity, float]] = []
-        self._held: deque[tuple[Activity, float]] = deque()
+        self._buffer: list[tuple[_Key, float]] = []
+        self._held: deque[tuple[_Key, float]] = deque()
         self._commit_pending = False
-        self._buffer_since = 0.0
+        self._buffer_since = 0.0  # monotonic time of the oldest activity in _buffer
         self._commit_wake = threading.Event()
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
@@ -237,62 +242,77 @@ class Recorder:
         Raises:
             TypeError, ValueError: an ID is not a valid Per ID (naming it).
         """
-        validate_id(billing_id, "billing_id")
-        validate_id(user_id, "user_id")
+        # The hot path: a printable, non-empty str within the limit is valid; anything
+        # else takes the full check, which raises or normalises (a str subclass, say).
+        if not (
+            type(billing_id) is str and billing_id.isprintable() and 0 < len(billing_id) <= _MAX
+        ):
+            billing_id = validate_id(billing_id, "billing_id")
+        if not (type(user_id) is str and user_id.isprintable() and 0 < len(user_id) <= _MAX):
+            user_id = validate_id(user_id, "user_id")
         if activity_type_id is None:
             activity_type_id = self._default_type
             if activity_type_id is None:
                 raise ValueError(
                     "activity_type_id is required: this recorder has no default activity type"
                 )
-        else:
-            validate_id(activity_type_id, "activity_type_id")
+        elif not (
+            type(activity_type_id) is str
+            and activity_type_id.isprintable()
+            and 0 < len(activity_type_id) <= _MAX
+        ):
+            activity_type_id = validate_id(activity_type_id, "activity_type_id")
         try:
-            self._record(billing_id, user_id, activity_type_id)
+            if self._pid != _getpid():
+                self._after_fork_in_child()
+            now = self._clock()
+            key = (billing_id, user_id, activity_type_id)
+            wake = overdue = False
+            with self._lock:
+                if self._closed:
+                    self._drop_closed()
+                    return
+                self._recorded += 1
+                if not self._coalescer.admit(key, now):
+                    self._coalesced += 1
+                    return
+                if not self._enabled:
+                    return
+                if not self._sync:
+                    buffer = self._buffer
+                    mono = _monotonic()
+                    if not buffer:
+                        self._buffer_since = mono
+                    buffer.append((key, now))
+                    if not self._commit_pending:
+                        self._commit_pending = wake = True
+                    # The committer thread is late (a CPU-bound caller starves it of the
+                    # GIL): commit here, so nothing stays in memory past commit_interval.
+                    overdue = mono - self._buffer_since > self._commit_interval
+            if self._sync:
+                self._commit_sync(key, now)
+                return
+            if overdue:
+                self._commit()
+            if wake:
+                if self._committer is None:
+                    self._ensure_threads()
+                self._commit_wake.set()
         except Exception:  # never raise a runtime fault into the caller
             self._drop("internal_error", 1)
             logger.exception("per_buffer: record() failed internally; activity dropped")
 
-    def _record(self, billing_id: str, user_id: str, type_id: str) -> None:
-        if self._pid != os.getpid():
-            self._after_fork_in_child()
-        now = self._clock()
-        activity = Activity(billing_id, user_id, type_id)
-        wake = overdue = False
-        with self._lock:
-            if self._closed:
-                self._dropped["closed"] = self._dropped.get("closed", 0) + 1
-                if not self._closed_warned:
-                    self._closed_warned = True
-                    logger.warning("per_buffer: record() after close(); activity dropped")
-                return
-            self._recorded += 1
-            if not self._coalescer.admit(activity, now):
-                self._coalesced += 1
-                return
-            if not self._enabled:
-                return
-            if not self._sync:
-                buffer = self._buffer
-                if not buffer:
-                    self._buffer_since = now
-                buffer.append((activity, now))
-                if not self._commit_pending:
-                    self._commit_pending = True
-                    wake = True
-                # The committer thread is late (a CPU-bound caller starves it of the GIL):
-                # commit here, so nothing stays in memory much past commit_interval.
-                overdue = now - self._buffer_since > self._commit_interval
-        if overdue:
-            self._commit()
-        elif self._sync:
-            self._commit([(activity, now)])
-            if self._held:
-                self._ensure_threads()
-                self._commit_wake.set()
-        elif wake:
-            if self._committer is None:
-                self._ensure_threads()
+    def _drop_closed(self) -> None:
+        """Count a call after close() (the caller holds ``_lock``); warn once."""
+        self._dropped["closed"] = self._dropped.get("closed", 0) + 1
+        if not self._closed_warned:
+            self._closed_warned = True
+            logger.warning("per_buffer: record() after close(); activity dropped")
+
+    def _commit_sync(self, key: _Key, now: float) -> None:
+        self._commit([(key, now)])
+        if self._held:  # the disk refused it: the committer retries
+            self._ensure_threads()
             self._commit_wake.set()
 
     # ------------------------------------------------------------------ committing
@@ -316,7 +336,7 @@ class Recorder:
             except Exception:
                 logger.exception("per_buffer: commit failed unexpectedly")
 
-    def _commit(self, extra: list[tuple[Activity, float]] | None = None) -> bool:
+    def _commit(self, extra: list[tuple[_Key, float]] | None = None) -> bool:
         """Write the memory batch (and held activities) to disk; True when all are on disk."""
         with self._commit_lock:
             with self._lock:
@@ -350,7 +370,7 @@ class Recorder:
             self._ensure_threads()
         return True
 
-    def _hold(self, batch: list[tuple[Activity, float]]) -> None:
+    def _hold(self, batch: list[tuple[_Key, float]]) -> None:
         room = self._config.memory_buffer - len(self._held)
         if room < len(batch):
             lost = len(batch) - max(room, 0)

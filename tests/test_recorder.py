@@ -601,3 +601,32 @@ def test_pid_check_rebuilds_after_a_fork_without_python_hooks(
     assert rec.flush(timeout=10)
     rec.close()
     assert delivered_users(server) == {"after-c-fork"}
+
+
+def test_committer_keeps_waking_after_an_inline_commit(server: PerServer, tmp_path: Path) -> None:
+    """Regression: a call that both claimed the wake-up and committed inline (because the
+    committer was late) left the committer asleep, so later activities stayed in memory."""
+    server.outage()
+    rec = make(server, tmp_path / "q")
+    rec.record("acme", "u0")
+    assert _eventually(lambda: rec.stats().buffered == 0)
+    with rec._commit_lock:  # the committer is stuck behind this, as if starved
+        rec.record("acme", "u1")
+        time.sleep(0.05)  # let u1 become overdue (> commit_interval in memory)
+        late = threading.Thread(target=rec.record, args=("acme", "u2"))
+        late.start()  # claims the wake-up and, being overdue, commits inline (blocks here)
+        time.sleep(0.05)
+    late.join(5)
+    rec.record("acme", "u3")  # arrives after the inline commit
+    assert _eventually(lambda: rec.stats().buffered == 0), "u3 stayed in memory"
+    rec.close(timeout=0.1)
+
+
+def _eventually(condition: Any, timeout: float = 5.0) -> bool:
+    """Poll a condition that has no event of its own (the committer's progress)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
