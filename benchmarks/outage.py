@@ -207,7 +207,7 @@ def run(mode: str) -> ScenarioResult:
     table.notes.append(
         f"Server counters: {counters.get('requests', 0):,} requests, {counters.get('ok', 0):,} "
         f"accepted; the worker retried {final.retried:,} attempts. During an outage the worker "
-        "probes one request at a time with a jittered, growing delay (capped at 30 s), so the "
+        "probes one request at a time with a jittered, growing delay (capped at 5 s), so the "
         "first delivery after recovery waits for the next probe; failed entries wait for their "
         "own backoff. Drain times are measured by polling stats() every 0.1 s, without "
         "calling flush() (which would cut those delays short)."

@@ -143,6 +143,9 @@ class Recorder:
         # a disabled recorder (development, tests) needs no activity type to accept calls
         self._default_type = config.activity_type_id or (None if self._enabled else "unset")
         self._coalescer = Coalescer(config.coalesce_window, config.coalesce_max_keys)
+        self._admit = self._coalescer.admit
+        # with the default clock its reading serves the overdue check (no second clock call)
+        self._wall_clock = config.clock is time.time
         self._recorded = 0
         self._coalesced = 0
         self._enqueued = 0
@@ -273,14 +276,14 @@ class Recorder:
                     self._drop_closed()
                     return
                 self._recorded += 1
-                if not self._coalescer.admit(key, now):
+                if not self._admit(key, now):
                     self._coalesced += 1
                     return
                 if not self._enabled:
                     return
                 if not self._sync:
                     buffer = self._buffer
-                    mono = _monotonic()
+                    mono = now if self._wall_clock else _monotonic()
                     if not buffer:
                         self._buffer_since = mono
                     buffer.append((key, now))
