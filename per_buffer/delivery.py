@@ -120,7 +120,8 @@ class DeliveryWorker:
         poll_interval: seconds between looks for entries put by other processes.
         window: seconds of the coalescing window, for the late-delivery count.
         on_error: called (from the worker thread) for each failed attempt.
-        clock: unix time source.
+        clock: the recorder's unix time source, which decides late deliveries; timing
+            (leases, backoff, pauses) always uses real time.
     """
 
     def __init__(
@@ -159,7 +160,8 @@ class DeliveryWorker:
         self._window = window or 900.0
         self._lease_seconds = lease_seconds
         self._on_error = on_error
-        self._clock = clock
+        self._clock = clock  # the recorder's clock: only for the late-delivery count
+        self._now = time.time  # leases, backoff and pauses always run on real time
         self._transport_factory = transport_factory
 
         self._thread: threading.Thread | None = None
@@ -336,7 +338,7 @@ class DeliveryWorker:
     def _dispatch(self) -> float | None:
         """Claim work if there is room; return seconds to wait (0: go again, None: on wake)."""
         assert self._work is not None
-        now = self._clock()
+        now = self._now()
         if now - self._last_reclaim > _RECLAIM_EVERY:
             self._last_reclaim = now
             try:
@@ -410,7 +412,7 @@ class DeliveryWorker:
     async def _wait_gate(self) -> None:
         """Sleep until a pause or the probe delay is over; a flush cuts it short (not a 429)."""
         while not self._stopping:
-            now = self._clock()
+            now = self._now()
             paused = self.stats.paused_until
             if paused is not None and now < paused:
                 if self.stats.pause_reason == "rate_limited":
@@ -471,7 +473,7 @@ class DeliveryWorker:
         self.stats.pause_reason = None
 
     def _failed(self, claim: Claim, entry: Entry, error: PerError) -> None:
-        now = self._clock()
+        now = self._now()
         attempts = entry.attempts + 1
         self.stats.last_error = str(error)
         if isinstance(error, PerAuthError):

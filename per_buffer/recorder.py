@@ -187,8 +187,7 @@ class Recorder:
                 max_bytes=config.max_queue_bytes,
                 full_policy=config.full_policy,
                 lease_seconds=config.lease_seconds,
-                clock=config.clock,
-            )
+            )  # real time: leases must not expire at the speed of a test's clock
         except (QueueError, OSError) as exc:
             self._queue = None
             self._queue_fault(exc)
