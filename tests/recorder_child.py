@@ -8,9 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
-from per_buffer.testing import DEFAULT_ACTIVITY_TOKEN
-
 from per_buffer import Recorder
+from per_buffer.testing import DEFAULT_ACTIVITY_TOKEN
 
 
 def _recorder(url: str, directory: str, **options: object) -> Recorder:

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from per_buffer.testing import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN, PerServer
 
 from per_buffer import (
     MAX_ID_LENGTH,
@@ -28,6 +27,7 @@ from per_buffer import (
     __version__,
 )
 from per_buffer.client import _report, parse_retry_after, resolve_base_url
+from per_buffer.testing import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN, PerServer
 
 TOKEN = DEFAULT_ACTIVITY_TOKEN
 REPORTING = DEFAULT_REPORTING_TOKEN
