@@ -819,3 +819,19 @@ class _QueueStorage:
         if isinstance(con, sqlite3.Connection) and not con.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def is_queue_directory(path: Path) -> bool:
+    """True when ``path`` holds a per_buffer queue (its lock file or a database folder)."""
+    try:
+        return (path / _LOCK_NAME).exists() or any(path.glob(f"{_GEN_PREFIX}*"))
+    except OSError:
+        return False
+
+
+def quarantined_folders(path: Path) -> list[str]:
+    """Names of the databases moved aside as unreadable (``quarantine-*`` folders)."""
+    try:
+        return sorted(p.name for p in path.glob(f"{_QUARANTINE_PREFIX}*") if p.is_dir())
+    except OSError:
+        return []

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn, TypeVar
 
+from ._queue_storage import is_queue_directory, quarantined_folders
 from ._version import __version__
 from .client import (
     ACTIVITY_TOKEN_ENV,
@@ -60,8 +61,6 @@ BUFFER_DIR_ENV = "PER_BUFFER_DIR"
 TYPE_ENVS = ("PER_ACTIVITY_TYPE_ID", "ACTIVITY_TYPE_ID")
 CONCURRENCY_ENV = "PER_BUFFER_CONCURRENCY"
 _DRAIN_CONCURRENCY = 32  # a backlog is drained faster than the recorder's everyday default
-_QUEUE_LOCK = "queue.lock"  # what per_buffer.queue keeps in every queue directory
-_QUEUE_GEN_PREFIX = "db-"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -283,7 +282,7 @@ def _queue_directory(arg: str | None) -> Path:
         )
     if not path.is_dir():
         raise UsageError(f"{path} is not a directory (from {source}); pass --dir DIR")
-    if not (path / _QUEUE_LOCK).exists() and not any(path.glob(f"{_QUEUE_GEN_PREFIX}*")):
+    if not is_queue_directory(path):
         raise UsageError(
             f"{path} holds no per_buffer queue (from {source}); pass --dir or set "
             f"{BUFFER_DIR_ENV} to the directory your recorder uses"
@@ -298,9 +297,7 @@ def _open_queue(path: Path) -> DurableQueue:
 
 def _quarantined_folders(path: Path) -> list[str]:
     """Databases the queue moved aside as unreadable (``quarantine-*`` folders)."""
-    with contextlib.suppress(OSError):
-        return sorted(p.name for p in path.glob("quarantine-*") if p.is_dir())
-    return []
+    return quarantined_folders(path)
 
 
 # --------------------------------------------------------------------------- output helpers
