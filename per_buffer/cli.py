@@ -619,7 +619,9 @@ def cmd_record(args: argparse.Namespace) -> int:
             f"see '{PROG} dead-letters list --dir {where}'"
         )
     else:
-        state, code = "queued", EXIT_OK
+        # queued is a success, unless Per refused the token: then nothing will ever arrive
+        state = "queued"
+        code = EXIT_FAILURE if stats.pause_reason == "auth" else EXIT_OK
         reason = f" ({_one_line(stats.last_error).rstrip('.')})" if stats.last_error else ""
         text = (
             f"queued: not delivered within {args.timeout:g} s{reason}; it is safe on disk in "
@@ -887,6 +889,7 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
             _out(f"  export {BASE_URL_ENV}={server.url}")
             _out(f"  export {ACTIVITY_TOKEN_ENV}={server.activity_token}")
             _out(f"  export {REPORTING_TOKEN_ENV}={server.reporting_token}")
+            _out(f"  export {TYPE_ENVS[0]}=login  # any activity type is accepted here")
             sys.stdout.flush()
             extra = f", {args.latency:g} ms latency" if args.latency else ""
             extra += f", {args.error_rate:.0%} HTTP 503" if args.error_rate else ""

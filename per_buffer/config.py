@@ -48,9 +48,15 @@ KNOBS: tuple[Knob, ...] = (
         "directory",
         ("PER_BUFFER_DIR",),
         "per-user cache dir",
-        "Queue directory; default `~/.cache/per-buffer/q-<hash of token and URL>`.",
+        "Queue directory; default `$XDG_CACHE_HOME` (or `~/.cache`) `/per-buffer/q-<hash of "
+        "token and URL>` (`~/Library/Caches` on macOS).",
     ),
-    Knob("base_url", (BASE_URL_ENV,), "https://api.useper.com", "Per endpoint (https only)."),
+    Knob(
+        "base_url",
+        (BASE_URL_ENV,),
+        "https://api.useper.com",
+        "Per endpoint: https, or http on a loopback host for tests.",
+    ),
     Knob("enabled", ("PER_BUFFER_ENABLED",), "true", "false: validate and count, send nothing."),
     Knob(
         "durability",
@@ -131,7 +137,7 @@ KNOBS: tuple[Knob, ...] = (
         "lease_seconds",
         ("PER_BUFFER_LEASE_SECONDS",),
         "300",
-        "Seconds a claimed activity stays leased to a live process.",
+        "Seconds a claimed activity stays leased to a live process (at least `timeout`).",
     ),
     Knob(
         "poll_interval",

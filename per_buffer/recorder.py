@@ -577,7 +577,8 @@ class Recorder:
                 oldest = age if oldest is None else max(oldest, age)
             counts = (self._recorded, self._coalesced, self._enqueued)
         for reason, count in queue_dropped.items():
-            if reason != "queue_full":  # counted above from put's result
+            # queue_full is counted above from put's result; a purge is a decision, not a loss
+            if reason not in ("queue_full", "dead_letters_purged"):
                 dropped[f"queue:{reason}"] = count
         last_error = ws.last_error if ws is not None and ws.last_error else self._last_error
         return RecorderStats(
