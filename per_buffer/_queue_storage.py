@@ -111,17 +111,40 @@ _FORK_LOCK = threading.Lock()
 _INSTANCES: weakref.WeakSet[_QueueStorage] = weakref.WeakSet()
 
 
+_HELD_AT_FORK: list[threading.RLock] = []
+
+
+def _before_fork() -> None:
+    # No thread may be inside SQLite when the process forks: SQLite's global mutexes
+    # (its allocator's, for one) would stay locked forever in the child, whose first
+    # connection would then hang. Every queue operation runs under its queue's lock.
+    for queue in list(_INSTANCES):
+        lock = queue._lock
+        lock.acquire()
+        _HELD_AT_FORK.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_AT_FORK:
+        _HELD_AT_FORK.pop().release()
+
+
 def _after_fork_in_child() -> None:
     # Pin every inherited Cache at once, even of queues the child never uses: garbage
     # collecting one would close the parent's SQLite connection from the child.
     global _FORK_LOCK
     _FORK_LOCK = threading.Lock()
+    _HELD_AT_FORK.clear()  # each queue replaces its lock when it notices the new pid
     for queue in list(_INSTANCES):
         _ORPHANS.append(queue._cache)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _error_codes(exc: BaseException) -> Iterator[tuple[int | None, str]]:

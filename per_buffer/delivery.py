@@ -48,6 +48,7 @@ __all__ = ["DeliveryFailure", "DeliveryStats", "DeliveryWorker"]
 logger = logging.getLogger("per_buffer.delivery")
 
 _RECLAIM_EVERY = 30.0
+_RECLAIM_FLUSHING = 1.0
 _PROBE_DELAY_MAX = 5.0  # longest pause between probes of a failing Per: recovery is quick
 _CLAIM_AHEAD = 16  # entries claimed ahead of the senders, so claims and acks are batched
 
@@ -172,7 +173,6 @@ class DeliveryWorker:
         self._probe_lock: asyncio.Lock | None = None
         self._started = threading.Event()
         self._stopping = False
-        self._idle = True
         self._flushing = 0
         self._cond = threading.Condition()
         self._claims: dict[str, tuple[Claim, set[int]]] = {}
@@ -200,15 +200,14 @@ class DeliveryWorker:
         self._started.wait(5.0)
 
     def wake(self) -> None:
-        """Tell the worker new entries may be ready (cheap when it is busy)."""
-        if self._idle:
-            self._call_soon(self._set_wake)
+        """Tell the worker new entries may be ready (called once per commit at most)."""
+        self._call_soon(self._set_wake)
 
     def begin_flush(self) -> None:
-        """Enter flush mode: claim waiting retries at once, cut backoff sleeps short."""
+        """Enter flush mode: claim waiting retries at once, probe a failing Per now."""
         with self._cond:
             self._flushing += 1
-        self._call_soon(self._poke)
+        self._call_soon(self._flush_started)
 
     def end_flush(self) -> None:
         """Leave flush mode."""
@@ -262,6 +261,14 @@ class DeliveryWorker:
     def _set_wake(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _flush_started(self) -> None:
+        """A flush cuts the current auth pause and probe delay short, once (not a 429)."""
+        now = self._now()
+        if self.stats.pause_reason == "auth" and self.stats.paused_until is not None:
+            self.stats.paused_until = min(self.stats.paused_until, now)
+        self._degraded_until = min(self._degraded_until, now)
+        self._poke()
 
     def _poke(self) -> None:
         """Wake every interruptible sleeper once (flush)."""
@@ -318,11 +325,7 @@ class DeliveryWorker:
                 if delay == 0.0:
                     await asyncio.sleep(0)
                     continue
-                self._idle = True
-                try:
-                    await _wait_event(self._wake, delay)
-                finally:
-                    self._idle = False
+                await _wait_event(self._wake, delay)
         finally:
             for _ in senders:
                 self._work.put_nowait(None)  # a sender between awaits ends on this
@@ -339,7 +342,8 @@ class DeliveryWorker:
         """Claim work if there is room; return seconds to wait (0: go again, None: on wake)."""
         assert self._work is not None
         now = self._now()
-        if now - self._last_reclaim > _RECLAIM_EVERY:
+        # leases of dead or stuck processes come back; sooner while someone waits in flush
+        if now - self._last_reclaim > (_RECLAIM_FLUSHING if self._flushing else _RECLAIM_EVERY):
             self._last_reclaim = now
             try:
                 self.queue.reclaim()
@@ -458,7 +462,11 @@ class DeliveryWorker:
             self.stats.late_deliveries += 1
         self.stats.delivered += 1
         if self._degraded or self.stats.paused_until is not None:
-            self._recovered()
+            paused = self.stats.paused_until
+            if self.stats.pause_reason == "rate_limited" and paused and self._now() < paused:
+                self._degraded = False  # an earlier request succeeded: Retry-After still holds
+            else:
+                self._recovered()
         self._finish(_Outcome(claim, entry, _OK))
 
     def _recovered(self) -> None:

@@ -22,7 +22,8 @@ __all__ = [
 #: Per documents no limit; 1024 keeps one request line well under proxy limits.
 MAX_ID_LENGTH = 1024
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# control characters, and lone surrogates (not encodable, so never sendable or storable)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class Activity(NamedTuple):
@@ -52,7 +53,7 @@ def validate_id(value: object, name: str) -> str:
     if len(value) > MAX_ID_LENGTH:
         raise ValueError(f"{name} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
     if _CONTROL.search(value) is not None:
-        raise ValueError(f"{name} must not contain control characters")
+        raise ValueError(f"{name} must not contain control characters or lone surrogates")
     return value
 
 

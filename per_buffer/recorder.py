@@ -104,6 +104,7 @@ class RecorderStats:
 
 
 _registry: weakref.WeakSet[Recorder] = weakref.WeakSet()
+_fork_reset_lock = threading.Lock()  # one reset per recorder when several threads notice
 
 
 class Recorder:
@@ -164,8 +165,12 @@ class Recorder:
     # ------------------------------------------------------------------ setup
 
     def _reset_process_state(self) -> None:
-        """Fresh locks, buffers and threads: at construction and in a forked child."""
-        self._pid = os.getpid()
+        """Fresh locks, buffers and threads: at construction and in a forked child.
+
+        ``_pid`` is set last: another thread sees the new pid only once the new
+        locks and buffers exist.
+        """
+        self._threads_lock = threading.Lock()
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._buffer: list[tuple[_Key, float]] = []
@@ -177,6 +182,7 @@ class Recorder:
         self._committer: threading.Thread | None = None
         self._worker: DeliveryWorker | None = None
         self._held_delay = _HELD_RETRY_MIN
+        self._pid = os.getpid()
 
     def _open_queue(self) -> bool:
         config = self._config
@@ -187,6 +193,9 @@ class Recorder:
                 max_bytes=config.max_queue_bytes,
                 full_policy=config.full_policy,
                 lease_seconds=config.lease_seconds,
+                # a write lock held elsewhere fails a put within 2 s (the batch waits in
+                # memory and is retried) instead of stalling flush() and close()
+                lock_timeout=2.0,
             )  # real time: leases must not expire at the speed of a test's clock
         except (QueueError, OSError) as exc:
             self._queue = None
@@ -203,7 +212,12 @@ class Recorder:
         return pending + in_flight > 0
 
     def _ensure_threads(self) -> None:
-        """Start the committer and the delivery worker on first use."""
+        """Start the committer and the delivery worker on first use (once, never after close)."""
+        with self._threads_lock:
+            if not self._closed:
+                self._start_threads()
+
+    def _start_threads(self) -> None:
         if self._committer is None:
             committer = threading.Thread(
                 target=self._commit_loop, name="per-buffer-commit", daemon=True
@@ -294,8 +308,8 @@ class Recorder:
             if self._sync:
                 self._commit_sync(key, now)
                 return
-            if overdue:
-                self._commit()
+            if overdue:  # never wait here: a busy commit lock means a commit is under way
+                self._commit(wait=0)
             if wake:
                 if self._committer is None:
                     self._ensure_threads()
@@ -338,9 +352,23 @@ class Recorder:
             except Exception:
                 logger.exception("per_buffer: commit failed unexpectedly")
 
-    def _commit(self, extra: list[tuple[_Key, float]] | None = None) -> bool:
-        """Write the memory batch (and held activities) to disk; True when all are on disk."""
-        with self._commit_lock:
+    def _commit(
+        self, extra: list[tuple[_Key, float]] | None = None, *, wait: float | None = None
+    ) -> bool:
+        """Write the memory batch (and held activities) to disk; True when all are on disk.
+
+        ``wait``: seconds to wait for a commit already running elsewhere (None: as long
+        as it takes; 0: not at all, returning False).
+        """
+        if wait is None:
+            acquired = self._commit_lock.acquire()
+        elif wait > 0:
+            acquired = self._commit_lock.acquire(timeout=wait)
+        else:
+            acquired = self._commit_lock.acquire(blocking=False)
+        if not acquired:
+            return False
+        try:
             with self._lock:
                 batch, self._buffer = self._buffer, []
             if extra:
@@ -355,7 +383,7 @@ class Recorder:
                 return False
             assert self._queue is not None
             try:
-                stored = self._queue.put(batch)
+                stored = self._put(batch)
             except QueueError as exc:
                 self._queue_fault(exc)
                 self._hold(batch)
@@ -363,14 +391,43 @@ class Recorder:
             self._held_delay = _HELD_RETRY_MIN
             with self._lock:
                 self._enqueued += stored
-            if stored < len(batch):
-                self._drop("queue_full", len(batch) - stored)
+        finally:
+            self._commit_lock.release()
         worker = self._worker
         if worker is not None:
             worker.wake()
         elif self._config.token:
             self._ensure_threads()
         return True
+
+    def _put(self, batch: list[tuple[_Key, float]]) -> int:
+        """``queue.put`` that never loses a batch to one item the storage cannot take.
+
+        A storage fault (QueueError) propagates: the whole batch is held and retried.
+        Anything else means an item is at fault: the batch is stored one by one and
+        the items that still fail are dropped as ``invalid`` (counted and logged).
+        """
+        assert self._queue is not None
+        try:
+            stored = self._queue.put(batch)
+        except QueueError:
+            raise
+        except Exception:
+            logger.exception("per_buffer: the queue refused a batch; storing it item by item")
+            stored = invalid = 0
+            for item in batch:
+                try:
+                    stored += self._queue.put([item])
+                except QueueError:
+                    raise
+                except Exception:
+                    invalid += 1
+            if invalid:
+                self._drop("invalid", invalid)
+            return stored
+        if stored < len(batch):
+            self._drop("queue_full", len(batch) - stored)
+        return stored
 
     def _hold(self, batch: list[tuple[_Key, float]]) -> None:
         room = self._config.memory_buffer - len(self._held)
@@ -412,12 +469,15 @@ class Recorder:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if not self._enabled:
             return True
+        if self._closed:
+            return False
         if self._pid != os.getpid():
             self._after_fork_in_child()
-        while not self._commit():
-            if deadline is not None and time.monotonic() >= deadline:
+        while not self._commit(wait=_remaining(deadline)):
+            left = _remaining(deadline)
+            if left is not None and left <= 0:
                 return False
-            self._stop.wait(0.05 if deadline is None else min(0.05, deadline - time.monotonic()))
+            self._stop.wait(0.05 if left is None else min(0.05, left))
         self._ensure_threads()
         worker = self._worker
         if worker is None:
@@ -452,10 +512,11 @@ class Recorder:
         if committer is not None and committer is not threading.current_thread():
             committer.join(max(0.1, deadline - time.monotonic()))
         if self._enabled:
-            self._commit()
-            if self._held:
-                lost = len(self._held)
+            self._commit(wait=max(1.0, deadline - time.monotonic()))
+            if self._held or self._buffer:
+                lost = len(self._held) + len(self._buffer)
                 self._held.clear()
+                self._buffer.clear()
                 self._drop("unwritable_at_close", lost)
                 logger.error(
                     "per_buffer: %d activities could not be written to %s before close and "
@@ -531,17 +592,15 @@ class Recorder:
         self._commit_lock.release()
 
     def _after_fork_in_child(self) -> None:
-        """The parent's threads are gone and its memory batch is its own: start afresh."""
-        self._reset_process_state()
-        if self._closed:
-            return
-        if self._queue is not None:
-            # The queue notices the new pid and opens fresh sqlite connections itself.
-            try:
-                if self._backlog():
-                    self._ensure_threads()
-            except Exception:
-                logger.exception("per_buffer: could not resume after fork")
+        """The parent's threads are gone and its memory batch is its own: start afresh.
+
+        Only state is reset here. Opening files or starting threads waits for the first
+        ``record()``/``flush()``: a child that only runs ``exec`` (``subprocess`` with
+        ``preexec_fn``) must not claim entries it will never deliver.
+        """
+        with _fork_reset_lock:
+            if self._pid != os.getpid():
+                self._reset_process_state()
 
     # ------------------------------------------------------------------ observing
 
@@ -557,6 +616,8 @@ class Recorder:
 
     def stats(self) -> RecorderStats:
         """A snapshot of counters, queue state and pause state."""
+        if self._pid != os.getpid():
+            self._after_fork_in_child()
         worker = self._worker
         ws = worker.stats if worker is not None else None
         pending = in_flight = dead = size = 0
@@ -572,8 +633,9 @@ class Recorder:
         with self._lock:
             buffered = len(self._buffer) + len(self._held)
             dropped = dict(self._dropped)
-            if buffered and self._buffer:
-                age = self._clock() - self._buffer[0][1]
+            first = self._held[0] if self._held else self._buffer[0] if self._buffer else None
+            if first is not None:  # held activities are older than the batch
+                age = self._clock() - first[1]
                 oldest = age if oldest is None else max(oldest, age)
             counts = (self._recorded, self._coalesced, self._enqueued)
         for reason, count in queue_dropped.items():
@@ -608,6 +670,11 @@ class Recorder:
             f"Recorder(directory={str(self._config.directory)!r}, "
             f"base_url={self._config.base_url!r}, token=<hidden>, {state})"
         )
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until a monotonic deadline (None: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 # ---------------------------------------------------------------------- process hooks

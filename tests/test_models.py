@@ -38,7 +38,7 @@ def test_format_timestamp_is_per_format_in_utc() -> None:
 def test_validate_id() -> None:
     assert validate_id("x" * MAX_ID_LENGTH, "user_id") == "x" * MAX_ID_LENGTH
     assert validate_id("zoë 🙂 a&b", "user_id") == "zoë 🙂 a&b"
-    for bad in ("", "a\nb", "a\x7fb", "a\x85b", "x" * (MAX_ID_LENGTH + 1)):
+    for bad in ("", "a\nb", "a\x7fb", "a\x85b", "bad\ud800id", "x" * (MAX_ID_LENGTH + 1)):
         with pytest.raises(ValueError, match="user_id"):
             validate_id(bad, "user_id")
     with pytest.raises(TypeError, match="user_id"):

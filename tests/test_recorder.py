@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import random
@@ -454,6 +455,7 @@ def test_fork_child_gets_fresh_worker(server: PerServer, tmp_path: Path) -> None
     pid = os.fork()
     if pid == 0:  # child
         code = 1
+        faulthandler.dump_traceback_later(30, exit=True)  # a hung child must not hang CI
         try:
             for i in range(30):
                 rec.record("acme", f"child-{i}")
@@ -479,10 +481,13 @@ def test_preload_style_fork_works_in_every_child(server: PerServer, tmp_path: Pa
         pid = os.fork()
         if pid == 0:
             code = 1
+            faulthandler.dump_traceback_later(30, exit=True)  # a hung child must not hang CI
             try:
                 for i in range(40):
                     rec.record("acme", f"w{n}-{i}")
                 code = 0 if rec.flush(timeout=20) else 2
+                if code:
+                    print(f"child {n}: {rec.stats()} {rec._worker and rec._worker.snapshot()}")
             finally:
                 os._exit(code)
         children.append(pid)
@@ -630,3 +635,32 @@ def _eventually(condition: Any, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(condition())
+
+
+def test_flush_after_close_starts_nothing(server: PerServer, tmp_path: Path) -> None:
+    rec = make(server, tmp_path / "q")
+    rec.close()
+    assert rec.flush(timeout=0.2) is False
+    assert rec._worker is None  # no delivery thread on a closed queue
+
+
+def test_retry_after_holds_although_requests_in_flight_succeed(
+    server: PerServer, tmp_path: Path
+) -> None:
+    server.set_latency(0.05)
+    with make(server, tmp_path / "q", concurrency=8) as rec:
+        for i in range(40):
+            rec.record("acme", f"warm-{i}")
+        assert rec.flush(timeout=10)
+        server.inject("429", count=1, retry_after="2")
+        for i in range(200):
+            rec.record("acme", f"u{i}")
+        assert server.wait_for_requests(server.counters["requests"] + 1, timeout=5)
+        assert _eventually(lambda: rec.stats().pause_reason == "rate_limited", timeout=5)
+        refused_at = time.time()
+        assert rec.flush(timeout=20)
+    late = [a for a in server.activities if a.user_id.startswith("u")]
+    # only requests already in flight when the 429 came (at most concurrency) land early
+    early = [a for a in late if a.timestamp < refused_at + 1.8]
+    assert len(early) <= 8
+    assert len(late) == 200
