@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,33 @@ def per_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Capture everything per_buffer logs, down to DEBUG."""
     caplog.set_level(logging.DEBUG, logger="per_buffer")
     return caplog
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mounts a small real tmpfs (``size`` like "1m") to fill up or make read-only.
+
+    Needs root, as CI runs; skips with the reason otherwise. Unmounted at teardown.
+    """
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("needs root: mounts a small tmpfs to fill it or make it read-only")
+        target = tmp_path / f"tmpfs{len(mounts)}"
+        target.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(target)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounts.append(target)
+        return target
+
+    yield mount
+    for target in mounts:
+        subprocess.run(["mount", "-o", "remount,rw", str(target)], check=False, capture_output=True)
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)

@@ -19,7 +19,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -782,29 +782,9 @@ def test_four_processes_start_together_on_a_fresh_directory(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- storage failures
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: mounts a small tmpfs to fill it or make it read-only")
-
-
 @pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    _require_root()
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=False, capture_output=True)
-        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+def tmpfs(mount_tmpfs: Callable[[str], Path]) -> Path:
+    return mount_tmpfs("8m")
 
 
 @pytest.mark.root
@@ -862,7 +842,8 @@ def test_read_only_filesystem(tmpfs: Path, caplog: pytest.LogCaptureFixture) -> 
 @pytest.mark.root
 def test_filesystem_failing_under_an_open_queue(tmp_path: Path) -> None:
     """ext4 shut down (EXT4_IOC_SHUTDOWN) while the queue is open: every write fails."""
-    _require_root()
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loop-mounts a small ext4 image")
     image, mount = tmp_path / "fs.img", tmp_path / "ext4"
     mount.mkdir()
     with open(image, "wb") as handle:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,9 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+def small_tmpfs(mount_tmpfs: Callable[[str], Path]) -> Path:
     """A 1 MiB tmpfs, so the disk really fills up (needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (run the suite as root, as CI does)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    return mount_tmpfs("1m")
 
 
 def test_full_disk_holds_in_memory_then_writes_when_space_returns(
