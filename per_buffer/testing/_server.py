@@ -1,25 +1,7 @@
-"""A fast, real Per-compatible HTTP server for tests, benchmarks and demos.
+"""The Per-compatible HTTP server itself: :class:`PerServer` and its asyncio protocol.
 
-:class:`PerServer` listens on loopback and speaks enough HTTP/1.1 (keep-alive,
-pipelining, ``Connection: close``) to stand in for ``https://api.useper.com``:
-``GET /activities.add`` and ``GET /reports.get`` behave as Per documents them
-(see the project's notes on the API), and every failure a real deployment can
-show is injectable on demand: 503 pages, 429 with or without ``Retry-After``,
-``ok: false``, 401, HTML bodies, hanging requests, dropped connections and full
-outages (connection refused). It runs its own asyncio event loop in a daemon
-thread and uses the standard library only::
-
-    from per_buffer.testing import PerServer
-
-    with PerServer() as server:
-        client = PerClient(server.activity_token, base_url=server.url)
-        client.add_activity("acme", "u1", "login")
-        assert server.wait_for_activities(1, timeout=5)
-        server.inject("503", count=2)          # the next two requests fail
-
-Run it as its own process with ``python -m per_buffer.testing`` (see
-:func:`main`); :class:`PerServerProcess` starts such a process and drives it
-through its control port, which keeps answering during an :meth:`PerServer.outage`.
+Use it through :mod:`per_buffer.testing`, which re-exports the public names. This
+module imports nothing from the rest of the package (:mod:`._process` imports it).
 """
 
 from __future__ import annotations
@@ -32,28 +14,22 @@ import random
 import re
 import socket
 import string
-import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs
 
-from ._server_process import PerServerProcess
-from ._server_process import main as _serve
-
 __all__ = [
     "DEFAULT_ACTIVITY_TOKEN",
     "DEFAULT_REPORTING_TOKEN",
     "FAULT_KINDS",
     "PerServer",
-    "PerServerProcess",
     "ReceivedActivity",
-    "main",
 ]
 
 #: The activity-scoped token a :class:`PerServer` accepts unless told otherwise.
@@ -1183,15 +1159,3 @@ def _params(query: bytes) -> dict[str, str]:
         return {}
     parsed = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=True)
     return {name: values[0] for name, values in parsed.items()}
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve Per on loopback until SIGINT/SIGTERM (``python -m per_buffer.testing --help``)."""
-    return _serve(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,12 +3,7 @@
 :class:`PerServerProcess` starts ``python -m per_buffer.testing`` as a child process and
 drives it through the server's control port; :func:`main` is that command (argument
 parsing, signals, the ``per-server listening on ...`` line the parent waits for).
-
-It is a separate module only to keep ``testing.py`` small enough to read in one
-sitting. Use both through :mod:`per_buffer.testing`, which re-exports them; the child
-still runs ``-m per_buffer.testing``, whose ``main`` delegates here. This module imports
-:mod:`per_buffer.testing` only inside functions: ``testing`` imports this module, and
-under ``-m`` it runs as ``__main__``, so a top-level import would be circular.
+Use both through :mod:`per_buffer.testing`, which re-exports them.
 """
 
 from __future__ import annotations
@@ -28,6 +23,8 @@ from datetime import datetime
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import urlencode
+
+from ._server import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN, PerServer
 
 __all__ = ["PerServerProcess", "main"]
 
@@ -72,8 +69,6 @@ class PerServerProcess:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.url = ""
         self.control_url = ""
-        from .testing import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN  # noqa: PLC0415
-
         self.activity_token = _option(extra_args, "--activity-token") or DEFAULT_ACTIVITY_TOKEN
         self.reporting_token = _option(extra_args, "--reporting-token") or DEFAULT_REPORTING_TOKEN
 
@@ -91,7 +86,8 @@ class PerServerProcess:
         if self._proc is not None:
             raise RuntimeError("PerServerProcess is already running")
         env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the directory holding the per_buffer package, so the child imports this copy
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(
             part for part in (package_root, env.get("PYTHONPATH")) if part
         )
@@ -231,12 +227,6 @@ def _read_line(stream: IO[bytes] | None, timeout: float) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve Per on loopback until SIGINT/SIGTERM (``python -m per_buffer.testing --help``)."""
-    from .testing import (  # noqa: PLC0415
-        DEFAULT_ACTIVITY_TOKEN,
-        DEFAULT_REPORTING_TOKEN,
-        PerServer,
-    )
-
     parser = argparse.ArgumentParser(
         prog="python -m per_buffer.testing",
         description="A local Per-compatible server for tests, benchmarks and demos.",
