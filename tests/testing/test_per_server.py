@@ -1,4 +1,4 @@
-"""The local Per server (per_buffer.testing): API semantics, faults, HTTP plumbing, processes."""
+"""The local Per server (per_buffer.testing.PerServer): API semantics, faults, HTTP plumbing."""
 
 from __future__ import annotations
 
@@ -6,82 +6,23 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 import pytest
-
-from per_buffer.testing import (
-    DEFAULT_ACTIVITY_TOKEN,
-    DEFAULT_REPORTING_TOKEN,
-    PerServer,
-    PerServerProcess,
-    ReceivedActivity,
+from per_server_helpers import (
+    ACT,
+    REP,
+    add,
+    connect,
+    get_report,
+    raw_request,
+    read_response,
+    ts,
 )
 
-ACT = {"Authorization": f"Bearer {DEFAULT_ACTIVITY_TOKEN}"}
-REP = {"Authorization": f"Bearer {DEFAULT_REPORTING_TOKEN}"}
-
-
-def ts(*args: int) -> float:
-    return datetime(*args, tzinfo=timezone.utc).timestamp()  # type: ignore[misc]
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(trust_env=False, timeout=10) as client:
-        yield client
-
-
-def add(
-    http: httpx.Client,
-    server: PerServer,
-    billing: str = "acme",
-    user: str = "u1",
-    kind: str = "login",
-    headers: dict[str, str] | None = None,
-) -> httpx.Response:
-    return http.get(
-        f"{server.url}/activities.add",
-        params={"billingId": billing, "userId": user, "activityTypeId": kind},
-        headers=ACT if headers is None else headers,
-    )
-
-
-def get_report(http: httpx.Client, server: PerServer, **params: str) -> httpx.Response:
-    return http.get(f"{server.url}/reports.get", params=params, headers=REP)
-
-
-def raw_request(path: str, token: str = DEFAULT_ACTIVITY_TOKEN, extra: str = "") -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{extra}\r\n"
-    ).encode()
-
-
-def read_response(sock: socket.socket, pending: bytearray) -> bytes:
-    """Read exactly one Content-Length framed response from ``sock``."""
-    while True:
-        end = pending.find(b"\r\n\r\n")
-        if end >= 0:
-            match = re.search(rb"(?i)content-length: *(\d+)", bytes(pending[:end]))
-            assert match is not None
-            total = end + 4 + int(match.group(1))
-            if len(pending) >= total:
-                response = bytes(pending[:total])
-                del pending[:total]
-                return response
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed before a full response")
-        pending += chunk
-
-
-def connect(server: PerServer) -> socket.socket:
-    sock = socket.create_connection((server.host, server.port), timeout=5)
-    return sock
-
+from per_buffer.testing import DEFAULT_ACTIVITY_TOKEN, PerServer, ReceivedActivity
 
 # --------------------------------------------------------------------------- activities.add
 
@@ -640,49 +581,3 @@ def test_in_process_control_channel(server: PerServer) -> None:
         assert add(client, server).status_code == 200
         assert client.get(f"{control}/inject", params={"kind": "bogus"}).status_code == 400
         assert client.get(f"{control}/nothing").status_code == 404
-
-
-# --------------------------------------------------------------------------- other process
-
-
-def test_server_process_end_to_end() -> None:
-    with (
-        PerServerProcess(seed=7) as proc,
-        httpx.Client(trust_env=False, timeout=10) as client,
-    ):
-        assert proc.url.startswith("http://127.0.0.1:") and proc.control_url != proc.url
-        headers = {"Authorization": f"Bearer {proc.activity_token}"}
-        for user in ("u1", "u2", "u1"):
-            response = client.get(
-                f"{proc.url}/activities.add",
-                params={"billingId": "acme", "userId": user, "activityTypeId": "login"},
-                headers=headers,
-            )
-            assert response.json()["ok"] is True
-        stats = proc.stats()
-        assert stats["activities"] == 3 and stats["unique"] == 2
-        assert stats["counters"]["ok"] == 3
-        report = proc.report(start="2000-01-01T00:00:00Z")
-        assert report["activityTypes"] == {"login": {"billingIds": {"acme": {"unique": 2}}}}
-        assert report["end"] is None
-        with pytest.raises(ValueError, match="end_without_start"):
-            proc.report(end="2000-01-01T00:00:00Z")
-
-        proc.outage()
-        with pytest.raises(httpx.ConnectError):
-            client.get(f"{proc.url}/activities.add", headers=headers)
-        proc.recover()
-        proc.inject("429", count=1, retry_after="3")
-        response = client.get(f"{proc.url}/activities.add", headers=headers)
-        assert response.status_code == 429 and response.headers["retry-after"] == "3"
-        proc.inject("503", rate=1.0)
-        assert client.get(f"{proc.url}/activities.add", headers=headers).status_code == 503
-        proc.clear_faults()
-        proc.set_latency(0.05)
-        started = time.perf_counter()
-        assert client.get(f"{proc.url}/activities.add", headers=headers).status_code == 200
-        assert time.perf_counter() - started >= 0.05
-        proc.reset()
-        assert proc.stats()["activities"] == 0
-        assert proc.stop() == 0
-        assert proc.stop() is None
