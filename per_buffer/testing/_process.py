@@ -201,6 +201,10 @@ class PerServerProcess:
         """Forget the child's activities, counters and faults."""
         self._get("/reset")
 
+    def set_clock_offset(self, seconds: float) -> None:
+        """Set how far the child's clock is ahead of the host's (negative: behind)."""
+        self._get("/clock", offset=repr(float(seconds)))
+
 
 def _option(args: Sequence[str], name: str) -> str | None:
     for index, arg in enumerate(args):
@@ -239,6 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--activity-token", action="append", default=None)
     parser.add_argument("--reporting-token", action="append", default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds the server's clock is ahead of the host's (negative: behind)",
+    )
     parser.add_argument("--no-keep-activities", action="store_true")
     options = parser.parse_args(argv)
 
@@ -254,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         activity_tokens=options.activity_token or (DEFAULT_ACTIVITY_TOKEN,),
         reporting_tokens=options.reporting_token or (DEFAULT_REPORTING_TOKEN,),
         latency=options.latency_ms / 1000.0,
+        clock_offset=options.clock_offset,
         seed=options.seed,
         keep_activities=not options.no_keep_activities,
     )

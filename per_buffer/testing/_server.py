@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import random
 import re
 import socket
@@ -121,6 +122,21 @@ def _response(
         len(body),
         extra_headers,
         body,
+    )
+
+
+_DAY_NAMES: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTH_NAMES: Final = (
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+)  # fmt: skip
+
+
+def _http_date(second: int) -> str:
+    """Format unix seconds as an IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``)."""
+    t = time.gmtime(second)
+    return (
+        f"{_DAY_NAMES[t.tm_wday]}, {t.tm_mday:02d} {_MONTH_NAMES[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
     )
 
 
@@ -416,11 +432,16 @@ class _Connection(asyncio.Protocol):
                     delay, self._finish, response, not keep_alive
                 )
                 return
-            transport.write(response)
+            transport.write(self._dated(response))
             if not keep_alive:
                 transport.close()
                 self.transport = None
                 return
+
+    def _dated(self, response: bytes) -> bytes:
+        """Insert the server's ``Date`` header after the status line of ``response``."""
+        cut = response.find(b"\r\n") + 2
+        return response[:cut] + self._server._date_header() + response[cut:]
 
     def _bad_request(self, response: bytes) -> None:
         if not self._control:
@@ -433,7 +454,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(response)
+        transport.write(self._dated(response))
         if close:
             transport.close()
             return
@@ -474,8 +495,12 @@ class PerServer:
         port: the port; ``0`` picks a free one (see :attr:`port` after :meth:`start`).
         activity_tokens: bearer tokens with the ``activity`` scope.
         reporting_tokens: bearer tokens with the ``reporting`` scope.
-        clock: returns "now" in unix seconds; timestamps activities and anchors
-            the default report period (the prior calendar month, UTC).
+        clock: returns "now" in unix seconds. The server's time is ``clock() +
+            clock_offset`` (see :meth:`now`): it stamps activities, anchors the
+            default report period (the prior calendar month, UTC), and is what
+            the ``Date`` header and a ``Retry-After`` date say.
+        clock_offset: seconds added to ``clock()``: a server whose clock is ahead
+            of (positive) or behind (negative) the host's. See :meth:`set_clock_offset`.
         latency: seconds added to every API response (faults included, except
             ``hang`` and ``drop``); never blocks the event loop.
         seed: seeds the random generator behind rate-based faults.
@@ -492,6 +517,7 @@ class PerServer:
         activity_tokens: Iterable[str] = (DEFAULT_ACTIVITY_TOKEN,),
         reporting_tokens: Iterable[str] = (DEFAULT_REPORTING_TOKEN,),
         clock: Callable[[], float] = time.time,
+        clock_offset: float = 0.0,
         latency: float = 0.0,
         seed: int | None = None,
         keep_activities: bool = True,
@@ -503,6 +529,8 @@ class PerServer:
         self._activity_auth = _auth_set(self._activity_tokens)
         self._reporting_auth = _auth_set(self._reporting_tokens)
         self._clock = clock
+        self._clock_offset = _check_offset(clock_offset)
+        self._date_cache: tuple[int, bytes] = (-1, b"")  # (unix second, Date header line)
         self._latency = _check_latency(latency)
         self._rng = random.Random(seed)
         self._id_rng = random.Random()
@@ -671,7 +699,7 @@ class PerServer:
         Raises:
             ValueError: ``end_without_start`` or ``invalid_date`` (the API's messages).
         """
-        low, high, inclusive, start_text, end_text = _bounds(start, end, self._clock())
+        low, high, inclusive, start_text, end_text = _bounds(start, end, self.now())
         types: dict[str, Any] = {}
         with self._lock:
             for (kind, billing), users in self._index.items():
@@ -707,6 +735,32 @@ class PerServer:
         """Block until at least ``n`` requests reached the API port; ``False`` on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self._counters["requests"] >= n, timeout)
+
+    # ------------------------------------------------------------------ the server's clock
+
+    def now(self) -> float:
+        """The server's time in unix seconds: ``clock() + clock_offset``."""
+        return float(self._clock()) + self._clock_offset
+
+    def set_clock_offset(self, seconds: float) -> None:
+        """Set how far the server's clock is ahead of its ``clock`` (negative: behind).
+
+        Applies from the next request on, to activity stamps, reports, ``Date`` and
+        ``Retry-After`` dates alike.
+
+        Raises:
+            ValueError: ``seconds`` is not a finite number.
+        """
+        self._clock_offset = _check_offset(seconds)
+
+    def _date_header(self) -> bytes:
+        """The ``Date:`` header line for now, rebuilt once per second (loop thread)."""
+        second = math.floor(float(self._clock()) + self._clock_offset)
+        cached_second, line = self._date_cache
+        if second != cached_second:
+            line = b"Date: %s\r\n" % _http_date(second).encode("ascii")
+            self._date_cache = (second, line)
+        return line
 
     # ------------------------------------------------------------------ faults
 
@@ -788,7 +842,8 @@ class PerServer:
 
         Endpoints: ``/stats``, ``/report?start=&end=``, ``/inject?kind=&count=&rate=&
         retry_after=&message=``, ``/clear``, ``/outage``, ``/recover``,
-        ``/latency?seconds=``, ``/reset``, ``/tokens?activity=&reporting=``.
+        ``/latency?seconds=``, ``/clock?offset=``, ``/reset``,
+        ``/tokens?activity=&reporting=``.
         """
         if self._loop is None:
             raise RuntimeError("start the server before its control channel")
@@ -850,7 +905,7 @@ class PerServer:
                         return _RESPOND, _response(200, body), latency
                     values.append(value)
                 billing, user, kind = values
-                stamp = float(self._clock())
+                stamp = float(self._clock()) + self._clock_offset
                 tid = "".join(self._id_rng.choices(_ID_ALPHABET, k=18))
                 users = self._index.get((kind, billing))
                 if users is None:
@@ -932,6 +987,9 @@ class PerServer:
             return ok
         if path == "/recover":
             await self._listen()
+            return ok
+        if path == "/clock":
+            self.set_clock_offset(float(params.get("offset", "0") or "0"))
             return ok
         if path == "/latency":
             self.set_latency(float(params.get("seconds", "0") or "0"))
@@ -1144,6 +1202,13 @@ def _auth_set(tokens: Iterable[str]) -> frozenset[bytes | None]:
         raw = token.encode("utf-8")
         values.update((b"Bearer " + raw, b"bearer " + raw, b"BEARER " + raw))
     return frozenset(values)
+
+
+def _check_offset(seconds: float) -> float:
+    offset = float(seconds)
+    if not math.isfinite(offset):
+        raise ValueError(f"clock_offset must be a finite number of seconds, not {seconds!r}")
+    return offset
 
 
 def _check_latency(seconds: float) -> float:
