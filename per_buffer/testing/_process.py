@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 from urllib.parse import urlencode
 
 from ._server import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN, PerServer
@@ -201,6 +201,21 @@ class PerServerProcess:
         """Forget the child's activities, counters and faults."""
         self._get("/reset")
 
+    def set_rate_limit(
+        self,
+        rate: float | None,
+        *,
+        burst: int | None = None,
+        retry_after: Literal["seconds", "date", "none"] = "seconds",
+    ) -> None:
+        """Limit the child's API port to ``rate`` requests a second (``None``: no limit)."""
+        self._get(
+            "/rate_limit",
+            rate=None if rate is None else repr(float(rate)),
+            burst=burst,
+            retry_after=retry_after,
+        )
+
     def set_clock_offset(self, seconds: float) -> None:
         """Set how far the child's clock is ahead of the host's (negative: behind)."""
         self._get("/clock", offset=repr(float(seconds)))
@@ -244,6 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reporting-token", action="append", default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
+        "--rate-limit", type=float, default=None, help="requests a second (a token bucket)"
+    )
+    parser.add_argument(
+        "--rate-limit-burst", type=int, default=None, help="the bucket size (default: the rate)"
+    )
+    parser.add_argument(
+        "--retry-after",
+        choices=("seconds", "date", "none"),
+        default="seconds",
+        help="how a rate-limited 429 says when to come back",
+    )
+    parser.add_argument(
         "--clock-offset",
         type=float,
         default=0.0,
@@ -270,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         server.start()
+        if options.rate_limit is not None:
+            server.set_rate_limit(
+                options.rate_limit,
+                burst=options.rate_limit_burst,
+                retry_after=options.retry_after,
+            )
         if options.error_rate > 0:
             server.inject("503", rate=options.error_rate)
         control = server.serve_control(options.control_port)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast
 from urllib.parse import parse_qs
 
 __all__ = [
@@ -41,6 +41,8 @@ DEFAULT_REPORTING_TOKEN: Final = "test-reporting-token"
 FAULT_KINDS: Final = frozenset({"503", "429", "ok_false", "401", "non_json", "hang", "drop"})
 
 _T = TypeVar("_T")
+_RetryAfterForm = Literal["seconds", "date", "none"]
+_RETRY_AFTER_FORMS: Final = ("seconds", "date", "none")
 
 _ADD_PATH: Final = "/activities.add"
 _REPORT_PATH: Final = "/reports.get"
@@ -61,6 +63,7 @@ _COUNTER_KEYS: Final = (
     "fault_non_json",
     "fault_hang",
     "fault_drop",
+    "rate_limited",
     "not_found",
     "method_not_allowed",
     "bad_request",
@@ -156,6 +159,7 @@ _R_405: Final = _response(405, _BODY_405, extra_headers=b"Allow: GET\r\n")
 _R_400: Final = _response(400, _BODY_400)
 _R_503: Final = _response(503, _HTML_503, _HTML)
 _R_NON_JSON: Final = _response(200, _HTML_200, _HTML)
+_R_429_BARE: Final = _response(429, _BODY_429)
 
 
 # --------------------------------------------------------------------------- dates
@@ -267,6 +271,27 @@ class _Fault:
     retry_after: str | None
     message: str
     response: bytes  # prebuilt; empty for hang and drop
+
+
+@dataclass
+class _Bucket:
+    """A token bucket on ``time.monotonic()``: ``rate`` tokens a second, at most ``burst``."""
+
+    rate: float
+    burst: int
+    retry_after: _RetryAfterForm
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> float:
+        """Take one token: ``0.0`` if there was one, else the seconds until there is."""
+        tokens = min(float(self.burst), self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens  # a refused request takes nothing
+        return (1.0 - tokens) / self.rate
 
 
 def _fault_response(kind: str, retry_after: str | None, message: str) -> bytes:
@@ -546,6 +571,7 @@ class PerServer:
         self._count_fault: _Fault | None = None
         self._count_left = 0
         self._rate_faults: dict[str, tuple[float, _Fault]] = {}
+        self._bucket: _Bucket | None = None
 
         # owned by the event-loop thread
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -677,6 +703,7 @@ class PerServer:
         lands in exactly one of: ``ok`` (activity accepted), ``reports`` (report
         served), ``auth_error`` (401 for a bad or wrongly scoped token),
         ``api_error`` (``ok: false`` for a missing parameter or bad dates),
+        ``rate_limited`` (a 429 from :meth:`set_rate_limit`'s limiter),
         ``fault_<kind>`` (an injected fault), ``not_found``,
         ``method_not_allowed`` or ``bad_request``.
         """
@@ -715,16 +742,27 @@ class PerServer:
         return {"start": start_text, "end": end_text, "activityTypes": types}
 
     def reset(self) -> None:
-        """Forget activities, counters and faults (hanging connections are closed)."""
+        """Forget activities, counters and faults (hanging connections are closed).
+
+        A rate limit stays (its bucket is full again); so do the latency, the
+        framing, the tokens and the clock offset.
+        """
         with self._changed:
-            self._activities = []
-            self._index = {}
-            self._accepted = 0
-            self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
-            self._count_fault, self._count_left = None, 0
-            self._rate_faults = {}
-            self._changed.notify_all()
+            self._forget_everything()
         self._maybe_call(self._release())
+
+    def _forget_everything(self) -> None:
+        """The state half of :meth:`reset` (call with the lock held)."""
+        self._activities = []
+        self._index = {}
+        self._accepted = 0
+        self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
+        self._count_fault, self._count_left = None, 0
+        self._rate_faults = {}
+        bucket = self._bucket
+        if bucket is not None:
+            bucket.tokens, bucket.stamp = float(bucket.burst), time.monotonic()
+        self._changed.notify_all()
 
     def wait_for_activities(self, n: int, timeout: float) -> bool:
         """Block until at least ``n`` activities were accepted; ``False`` on timeout."""
@@ -763,6 +801,67 @@ class PerServer:
         return line
 
     # ------------------------------------------------------------------ faults
+
+    def set_rate_limit(
+        self,
+        rate: float | None,
+        *,
+        burst: int | None = None,
+        retry_after: _RetryAfterForm = "seconds",
+    ) -> None:
+        """Limit the API port to ``rate`` requests a second (a token bucket; ``None``: no limit).
+
+        The bucket holds ``burst`` tokens (default ``max(1, ceil(rate))``), starts
+        full and refills continuously at ``rate`` tokens a second on the monotonic
+        clock. Each request on the API port takes a token; a request that finds
+        none is answered HTTP 429 ``{"ok":false,"message":"rate_limited"}`` (counted
+        as ``rate_limited``) and takes nothing. Its ``Retry-After`` is the exact wait
+        until a token is available rounded up to whole seconds: ``"seconds"`` sends
+        delta-seconds (at least 1), ``"date"`` an IMF-fixdate on the server's clock
+        (at least one second after its ``Date``), ``"none"`` no header. The limiter
+        sits in front of everything else: a refused request consumes no injected
+        fault. Setting a limit again starts a new, full bucket.
+
+        Raises:
+            ValueError: ``rate`` not a positive finite number, ``burst`` below 1, an
+                unknown ``retry_after`` form, or a ``burst`` without a ``rate``.
+        """
+        if rate is None:
+            if burst is not None:
+                raise ValueError("burst needs a rate")
+            with self._lock:
+                self._bucket = None
+            return
+        limit = float(rate)
+        if not (math.isfinite(limit) and limit > 0.0):
+            raise ValueError(f"rate must be a positive number of requests a second, not {rate!r}")
+        if burst is None:
+            size = max(1, math.ceil(limit))
+        elif isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be an int >= 1, not {burst!r}")
+        else:
+            size = burst
+        if retry_after not in _RETRY_AFTER_FORMS:
+            raise ValueError(
+                f"retry_after must be one of {_RETRY_AFTER_FORMS}, not {retry_after!r}"
+            )
+        bucket = _Bucket(limit, size, retry_after, float(size), time.monotonic())
+        with self._lock:
+            self._bucket = bucket
+
+    def _rate_limited(self, bucket: _Bucket, wait: float) -> bytes:
+        """The 429 answer of the limiter for a token ``wait`` seconds away."""
+        form = bucket.retry_after
+        if form == "none":
+            return _R_429_BARE
+        wait = max(0.0, wait - 1e-9)  # float noise must not add a whole second
+        if form == "seconds":
+            header = b"Retry-After: %d\r\n" % max(1, math.ceil(wait))
+        else:
+            now = self.now()
+            moment = max(math.ceil(now + wait), math.floor(now) + 1)
+            header = b"Retry-After: %s\r\n" % _http_date(moment).encode("ascii")
+        return _response(429, _BODY_429, extra_headers=header)
 
     def set_latency(self, seconds: float) -> None:
         """Delay every later API response by ``seconds`` (``0`` for none)."""
@@ -842,7 +941,8 @@ class PerServer:
 
         Endpoints: ``/stats``, ``/report?start=&end=``, ``/inject?kind=&count=&rate=&
         retry_after=&message=``, ``/clear``, ``/outage``, ``/recover``,
-        ``/latency?seconds=``, ``/clock?offset=``, ``/reset``,
+        ``/latency?seconds=``, ``/rate_limit?rate=&burst=&retry_after=`` (no
+        ``rate``: no limit), ``/clock?offset=``, ``/reset``,
         ``/tokens?activity=&reporting=``.
         """
         if self._loop is None:
@@ -869,6 +969,12 @@ class PerServer:
             counters["requests"] += 1
             self._changed.notify_all()
             latency = self._latency
+            bucket = self._bucket
+            if bucket is not None:
+                wait = bucket.take(time.monotonic())
+                if wait > 0.0:
+                    counters["rate_limited"] += 1
+                    return _RESPOND, self._rate_limited(bucket, wait), latency
             fault: _Fault | None = None
             if self._count_left > 0:
                 self._count_left -= 1
@@ -982,6 +1088,18 @@ class PerServer:
                 self._rate_faults = {}
             await self._release()
             return ok
+        if path == "/rate_limit":
+            rate = params.get("rate")
+            burst = params.get("burst")
+            form = params.get("retry_after") or "seconds"
+            if form not in _RETRY_AFTER_FORMS:
+                raise ValueError(f"retry_after must be one of {_RETRY_AFTER_FORMS}, not {form!r}")
+            self.set_rate_limit(
+                float(rate) if rate else None,
+                burst=int(burst) if burst else None,
+                retry_after=cast(_RetryAfterForm, form),
+            )
+            return ok
         if path == "/outage":
             await self._outage()
             return ok
@@ -996,10 +1114,7 @@ class PerServer:
             return ok
         if path == "/reset":
             with self._changed:
-                self._activities, self._index, self._accepted = [], {}, 0
-                self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
-                self._count_fault, self._count_left = None, 0
-                self._rate_faults = {}
+                self._forget_everything()
             await self._release()
             return ok
         if path == "/tokens":
