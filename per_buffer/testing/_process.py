@@ -177,9 +177,28 @@ class PerServerProcess:
         count: int | None = None,
         rate: float | None = None,
         retry_after: str | None = None,
+        *,
+        seconds: float | None = None,
+        message: str | None = None,
+        status: int | None = None,
+        body: Literal["html", "empty", "text", "per_ok_false", "per_auth"] | None = None,
     ) -> None:
-        """Inject a fault in the child (see :meth:`PerServer.inject`)."""
-        self._get("/inject", kind=kind, count=count, rate=rate, retry_after=retry_after)
+        """Inject a fault in the child (see :meth:`PerServer.inject`).
+
+        Raises:
+            ValueError: the child refused the fault (the message says why).
+        """
+        self._get(
+            "/inject",
+            kind=kind,
+            count=count,
+            rate=None if rate is None else repr(float(rate)),
+            seconds=None if seconds is None else repr(float(seconds)),
+            retry_after=retry_after,
+            message=message,
+            status=status,
+            body=body,
+        )
 
     def clear_faults(self) -> None:
         """Remove every fault in the child (see :meth:`PerServer.clear_faults`)."""

@@ -21,6 +21,7 @@ from array import array
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar, cast
 from urllib.parse import parse_qs
@@ -38,11 +39,15 @@ DEFAULT_ACTIVITY_TOKEN: Final = "test-activity-token"
 #: The reporting-scoped token a :class:`PerServer` accepts unless told otherwise.
 DEFAULT_REPORTING_TOKEN: Final = "test-reporting-token"
 #: The fault kinds :meth:`PerServer.inject` understands.
-FAULT_KINDS: Final = frozenset({"503", "429", "ok_false", "401", "non_json", "hang", "drop"})
+FAULT_KINDS: Final = frozenset(
+    {"503", "429", "ok_false", "401", "non_json", "hang", "drop", "http"}
+)
 
 _T = TypeVar("_T")
 _RetryAfterForm = Literal["seconds", "date", "none"]
 _RETRY_AFTER_FORMS: Final = ("seconds", "date", "none")
+_FaultBody = Literal["html", "empty", "text", "per_ok_false", "per_auth"]
+_FAULT_BODIES: Final = ("html", "empty", "text", "per_ok_false", "per_auth")
 
 _ADD_PATH: Final = "/activities.add"
 _REPORT_PATH: Final = "/reports.get"
@@ -63,6 +68,7 @@ _COUNTER_KEYS: Final = (
     "fault_non_json",
     "fault_hang",
     "fault_drop",
+    "fault_http",
     "rate_limited",
     "not_found",
     "method_not_allowed",
@@ -88,6 +94,7 @@ _REASONS: Final = {
 }
 _JSON: Final = b"application/json"
 _HTML: Final = b"text/html; charset=utf-8"
+_TEXT: Final = b"text/plain; charset=utf-8"
 
 _HTML_503: Final = (
     b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n"
@@ -114,17 +121,40 @@ _OK_HEAD: Final = (
 _OK_HEAD_CLOSE: Final = _OK_HEAD[:-2] + b"Connection: close\r\n\r\n"
 
 
+def _reason(status: int) -> bytes:
+    """The reason phrase for ``status`` (``Unknown`` for a code Python does not know)."""
+    known = _REASONS.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
 def _response(
-    status: int, body: bytes, content_type: bytes = _JSON, extra_headers: bytes = b""
+    status: int, body: bytes, content_type: bytes | None = _JSON, extra_headers: bytes = b""
 ) -> bytes:
-    """Return a complete HTTP/1.1 response without a ``Connection`` header."""
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+    """Return a complete HTTP/1.1 response without a ``Connection`` header.
+
+    ``content_type=None`` sends none (for an empty body).
+    """
+    return b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n%s\r\n%s" % (
         status,
-        _REASONS.get(status, b"Unknown"),
-        content_type,
+        _reason(status),
+        b"" if content_type is None else b"Content-Type: %s\r\n" % content_type,
         len(body),
         extra_headers,
         body,
+    )
+
+
+def _html_page(status: int) -> bytes:
+    """An nginx-like error page naming ``status``."""
+    title = b"%d %s" % (status, _reason(status))
+    return (
+        b"<html>\r\n<head><title>%s</title></head>\r\n<body>\r\n<center><h1>%s</h1></center>\r\n"
+        b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n" % (title, title)
     )
 
 
@@ -292,6 +322,22 @@ class _Bucket:
             return 0.0
         self.tokens = tokens  # a refused request takes nothing
         return (1.0 - tokens) / self.rate
+
+
+def _status_response(status: int, body: str, message: str, retry_after: str | None) -> bytes:
+    """The answer of an ``"http"`` fault: ``status`` with a body of the ``body`` shape."""
+    extra = b"" if retry_after is None else b"Retry-After: %s\r\n" % retry_after.encode()
+    if status in (204, 304):  # never a body, so no framing headers either
+        return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, _reason(status), extra)
+    if body == "html":
+        return _response(status, _html_page(status), _HTML, extra)
+    if body == "empty":
+        return _response(status, b"", None, extra)
+    if body == "text":
+        return _response(status, b"%d %s\n" % (status, _reason(status)), _TEXT, extra)
+    if body == "per_ok_false":
+        return _response(status, _json_body({"ok": False, "message": message}), _JSON, extra)
+    return _response(status, _BODY_401, _JSON, extra)  # per_auth
 
 
 def _fault_response(kind: str, retry_after: str | None, message: str) -> bytes:
@@ -571,6 +617,8 @@ class PerServer:
         self._count_fault: _Fault | None = None
         self._count_left = 0
         self._rate_faults: dict[str, tuple[float, _Fault]] = {}
+        self._timed_fault: _Fault | None = None
+        self._timed_until = 0.0  # time.monotonic() at which the timed fault ends
         self._bucket: _Bucket | None = None
 
         # owned by the event-loop thread
@@ -751,14 +799,19 @@ class PerServer:
             self._forget_everything()
         self._maybe_call(self._release())
 
+    def _forget_faults(self) -> None:
+        """Drop every injected fault (call with the lock held)."""
+        self._count_fault, self._count_left = None, 0
+        self._timed_fault = None
+        self._rate_faults = {}
+
     def _forget_everything(self) -> None:
         """The state half of :meth:`reset` (call with the lock held)."""
         self._activities = []
         self._index = {}
         self._accepted = 0
         self._counters = dict.fromkeys(_COUNTER_KEYS, 0)
-        self._count_fault, self._count_left = None, 0
-        self._rate_faults = {}
+        self._forget_faults()
         bucket = self._bucket
         if bucket is not None:
             bucket.tokens, bucket.stamp = float(bucket.burst), time.monotonic()
@@ -875,8 +928,11 @@ class PerServer:
         *,
         count: int | None = None,
         rate: float | None = None,
+        seconds: float | None = None,
         retry_after: str | None = None,
         message: str = "injected_failure",
+        status: int | None = None,
+        body: _FaultBody | None = None,
     ) -> None:
         """Make API requests fail in the way ``kind`` says.
 
@@ -885,42 +941,77 @@ class PerServer:
         "message": message}``), ``"401"`` (``invalid_auth_token``),
         ``"non_json"`` (HTTP 200 with an HTML body), ``"hang"`` (never answer
         until :meth:`clear_faults`, :meth:`reset`, :meth:`outage` or
-        :meth:`stop`) and ``"drop"`` (close the connection without a response).
+        :meth:`stop`), ``"drop"`` (close the connection without a response) and
+        ``"http"``: any ``status`` from 200 to 599 with a ``body`` of one shape:
+        ``"html"`` (the default; an nginx-like error page naming the status, as
+        a WAF, CDN or ingress sends), ``"empty"``, ``"text"`` (``text/plain``),
+        ``"per_ok_false"`` (Per's ``{"ok": false, "message": message}``) or
+        ``"per_auth"`` (Per's ``invalid_auth_token``); 204 and 304 have no body.
+        ``retry_after`` adds that header to ``"429"`` and ``"http"`` answers.
 
-        ``count=N`` (the default is ``count=1``): the next ``N`` requests get
-        this fault; it replaces any earlier counted fault. ``rate=F``: from now
-        on until :meth:`clear_faults`, each request gets this fault with
-        probability ``F`` (one rate per kind; several kinds may be active).
-        Counted faults are served before rate faults. Faults hit every request
-        on the API port before authentication; a faulted ``activities.add``
-        records nothing.
+        How long: ``count=N`` (the default is ``count=1``): the next ``N``
+        requests get this fault; it replaces any earlier counted fault.
+        ``seconds=S``: every request in the next ``S`` seconds (on the monotonic
+        clock) gets it; it replaces any earlier timed fault and then ends by
+        itself. ``rate=F``: from now on until :meth:`clear_faults`, each request
+        gets this fault with probability ``F`` (one rate per kind, and per status
+        for ``"http"``; several may be active). Counted faults are served first,
+        then a timed one, then rate faults. Faults hit every request on the API
+        port after the rate limiter and before authentication; a faulted
+        ``activities.add`` records nothing. Each is counted as ``fault_<kind>``.
 
         Raises:
-            ValueError: unknown kind, both ``count`` and ``rate``, or out-of-range values.
+            ValueError: unknown kind or body, more than one of ``count``, ``rate``
+                and ``seconds``, out-of-range values, ``"http"`` without a
+                ``status``, or ``status``/``body`` with another kind.
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
-        if count is not None and rate is not None:
-            raise ValueError("give count or rate, not both")
+        if sum(x is not None for x in (count, rate, seconds)) > 1:
+            raise ValueError("give one of count, rate or seconds, not several")
         if retry_after is not None and ("\r" in retry_after or "\n" in retry_after):
             raise ValueError("retry_after must be a single header line")
-        fault = _Fault(kind, retry_after, message, _fault_response(kind, retry_after, message))
-        with self._lock:
-            if rate is not None:
-                if not 0.0 <= rate <= 1.0:
-                    raise ValueError(f"rate must be within [0, 1], not {rate!r}")
-                self._rate_faults[kind] = (rate, fault)
-            else:
-                count = 1 if count is None else count
-                if count < 0:
-                    raise ValueError(f"count must be >= 0, not {count!r}")
+        if kind == "http":
+            if isinstance(status, bool) or not isinstance(status, int):
+                raise ValueError(f'kind "http" needs an int status, not {status!r}')
+            if not 200 <= status <= 599:
+                raise ValueError(f"status must be within 200..599, not {status!r}")
+            shape = "html" if body is None else body
+            if shape not in _FAULT_BODIES:
+                raise ValueError(f"body must be one of {_FAULT_BODIES}, not {body!r}")
+            response = _status_response(status, shape, message, retry_after)
+            key = f"http {status}"
+        else:
+            if status is not None or body is not None:
+                raise ValueError(f'status and body go with kind "http", not {kind!r}')
+            response = _fault_response(kind, retry_after, message)
+            key = kind
+        fault = _Fault(kind, retry_after, message, response)
+        if seconds is not None:
+            window = float(seconds)
+            if not (math.isfinite(window) and window > 0.0):
+                raise ValueError(f"seconds must be a positive number, not {seconds!r}")
+            with self._lock:
+                self._timed_fault, self._timed_until = fault, time.monotonic() + window
+        elif rate is not None:
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"rate must be within [0, 1], not {rate!r}")
+            with self._lock:
+                self._rate_faults[key] = (rate, fault)
+        else:
+            count = 1 if count is None else count
+            if count < 0:
+                raise ValueError(f"count must be >= 0, not {count!r}")
+            with self._lock:
                 self._count_fault, self._count_left = fault, count
 
     def clear_faults(self) -> None:
-        """Remove every injected fault and close the connections of hanging requests."""
+        """Remove every injected fault and close the connections of hanging requests.
+
+        The rate limit, latency and framing are settings, not faults: they stay.
+        """
         with self._lock:
-            self._count_fault, self._count_left = None, 0
-            self._rate_faults = {}
+            self._forget_faults()
         self._maybe_call(self._release())
 
     def outage(self) -> None:
@@ -940,7 +1031,7 @@ class PerServer:
         """Open the control channel (JSON over HTTP, survives :meth:`outage`); return its URL.
 
         Endpoints: ``/stats``, ``/report?start=&end=``, ``/inject?kind=&count=&rate=&
-        retry_after=&message=``, ``/clear``, ``/outage``, ``/recover``,
+        seconds=&retry_after=&message=&status=&body=``, ``/clear``, ``/outage``, ``/recover``,
         ``/latency?seconds=``, ``/rate_limit?rate=&burst=&retry_after=`` (no
         ``rate``: no limit), ``/clock?offset=``, ``/reset``,
         ``/tokens?activity=&reporting=``.
@@ -979,11 +1070,17 @@ class PerServer:
             if self._count_left > 0:
                 self._count_left -= 1
                 fault = self._count_fault
-            elif self._rate_faults:
-                for rate, candidate in self._rate_faults.values():
-                    if self._rng.random() < rate:
-                        fault = candidate
-                        break
+            else:
+                if self._timed_fault is not None:
+                    if time.monotonic() < self._timed_until:
+                        fault = self._timed_fault
+                    else:
+                        self._timed_fault = None
+                if fault is None and self._rate_faults:
+                    for rate, candidate in self._rate_faults.values():
+                        if self._rng.random() < rate:
+                            fault = candidate
+                            break
             if fault is not None:
                 counters["fault_" + fault.kind] += 1
                 if fault.kind == "hang":
@@ -1074,18 +1171,25 @@ class PerServer:
         if path == "/inject":
             count = params.get("count")
             rate = params.get("rate")
+            seconds = params.get("seconds")
+            status = params.get("status")
+            body = params.get("body") or None
+            if body is not None and body not in _FAULT_BODIES:
+                raise ValueError(f"body must be one of {_FAULT_BODIES}, not {body!r}")
             self.inject(
                 params.get("kind", ""),
                 count=int(count) if count else None,
                 rate=float(rate) if rate else None,
+                seconds=float(seconds) if seconds else None,
                 retry_after=params.get("retry_after") or None,
                 message=params.get("message") or "injected_failure",
+                status=int(status) if status else None,
+                body=cast(_FaultBody | None, body),
             )
             return ok
         if path == "/clear":
             with self._lock:
-                self._count_fault, self._count_left = None, 0
-                self._rate_faults = {}
+                self._forget_faults()
             await self._release()
             return ok
         if path == "/rate_limit":

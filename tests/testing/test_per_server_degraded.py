@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from email.utils import formatdate, parsedate_to_datetime
 
 import httpx
 import pytest
-from per_server_helpers import add, ts
+from per_server_helpers import add, raw_request, ts
 
 from per_buffer.testing import PerServer
 
@@ -153,3 +154,127 @@ def test_set_rate_limit_validates(
 ) -> None:
     with pytest.raises(ValueError, match=error):
         server.set_rate_limit(*args, **kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- any status, any body
+
+
+def test_http_fault_any_status_and_body_shape(server: PerServer, http: httpx.Client) -> None:
+    server.inject("http", status=403)  # the default body: an nginx-like page
+    response = add(http, server)
+    assert response.status_code == 403
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<title>403 Forbidden</title>" in response.text and "nginx" in response.text
+    assert int(response.headers["content-length"]) == len(response.content)
+
+    server.inject("http", status=404, body="html", count=2)
+    for _ in range(2):
+        response = add(http, server)
+        assert response.status_code == 404 and "<h1>404 Not Found</h1>" in response.text
+
+    server.inject("http", status=502, body="text")
+    response = add(http, server)
+    assert response.status_code == 502
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text == "502 Bad Gateway\n"
+
+    server.inject("http", status=500, body="empty")
+    response = add(http, server)
+    assert response.status_code == 500 and response.content == b""
+    assert response.headers["content-length"] == "0" and "content-type" not in response.headers
+
+    server.inject("http", status=400, body="per_ok_false", message="invalid_parameter")
+    response = add(http, server)
+    assert response.status_code == 400
+    assert response.json() == {"ok": False, "message": "invalid_parameter"}
+
+    server.inject("http", status=403, body="per_auth")
+    response = add(http, server)
+    assert response.status_code == 403
+    assert response.json() == {"ok": False, "message": "invalid_auth_token"}
+
+    server.inject("http", status=429, body="html", retry_after="7")
+    response = add(http, server)
+    assert response.status_code == 429 and response.headers["retry-after"] == "7"
+    assert "429 Too Many Requests" in response.text
+
+    server.inject("http", status=599)  # a code without a reason phrase
+    assert add(http, server).status_code == 599
+
+    assert server.activities == []
+    assert server.counters["fault_http"] == 9
+    assert add(http, server).status_code == 200  # the keep-alive connection is still good
+
+
+def test_http_fault_204_has_no_body_and_keeps_the_connection(server: PerServer) -> None:
+    server.inject("http", status=204, count=1)
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(raw_request("/activities.add?billingId=b&userId=u&activityTypeId=t") * 2)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}}"):
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    first, second = received.split(b"HTTP/1.1 200 ")
+    assert first.startswith(b"HTTP/1.1 204 No Content\r\n") and first.endswith(b"\r\n\r\n")
+    assert b"content-length" not in first.lower() and b"content-type" not in first.lower()
+    assert b'"ok":true' in second
+    assert len(server.activities) == 1
+
+
+# --------------------------------------------------------------------------- timed faults
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [
+        ("503", {}),
+        ("429", {"retry_after": "1"}),
+        ("ok_false", {}),
+        ("401", {}),
+        ("non_json", {}),
+        ("drop", {}),
+        ("hang", {}),
+        ("http", {"status": 403, "body": "html"}),
+    ],
+)
+def test_timed_fault_hits_every_request_then_ends_by_itself(
+    server: PerServer, kind: str, kwargs: dict[str, object]
+) -> None:
+    window = 0.25
+    started = time.monotonic()
+    server.inject(kind, seconds=window, **kwargs)  # type: ignore[arg-type]
+    faulted = 0
+    # a hanging request gives up after 50 ms; every request until the first success is faulted
+    with httpx.Client(trust_env=False, timeout=0.05 if kind == "hang" else 5) as client:
+        while True:
+            try:
+                response = add(client, server, user=f"u{faulted}")
+            except httpx.TransportError:
+                assert kind in ("drop", "hang")
+                faulted += 1
+                continue
+            if response.status_code == 200 and response.content.startswith(b'{"ok":true'):
+                break
+            faulted += 1
+    ended = time.monotonic() - started
+    assert ended >= window  # no request inside the window got through
+    assert ended < window + 2.0  # and the window closed by itself
+    assert faulted >= 1 and server.counters[f"fault_{kind}"] == faulted
+    assert len(server.activities) == 1
+    server.clear_faults()  # releases the hanging connections
+
+
+def test_fault_order_counted_then_timed_then_rate(server: PerServer, http: httpx.Client) -> None:
+    server.inject("503", rate=1.0)
+    server.inject("http", status=404, seconds=30)
+    server.inject("401", count=1)
+    assert [add(http, server).status_code for _ in range(3)] == [401, 404, 404]
+    server.inject("http", status=403, seconds=0.01)  # replaces the 30 s window
+    assert server.wait_for_requests(3, timeout=1)
+    deadline = time.monotonic() + 5
+    while (status := add(http, server).status_code) == 403:  # a few ms at most
+        assert time.monotonic() < deadline
+    assert status == 503  # the rate fault again
+    server.clear_faults()
+    assert add(http, server).status_code == 200
