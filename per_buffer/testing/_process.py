@@ -235,6 +235,12 @@ class PerServerProcess:
             retry_after=retry_after,
         )
 
+    def set_framing(
+        self, framing: Literal["content-length", "chunked", "close", "http/1.0"]
+    ) -> None:
+        """Choose how the child delimits API responses (see :meth:`PerServer.set_framing`)."""
+        self._get("/framing", mode=framing)
+
     def set_clock_offset(self, seconds: float) -> None:
         """Set how far the child's clock is ahead of the host's (negative: behind)."""
         self._get("/clock", offset=repr(float(seconds)))
@@ -290,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how a rate-limited 429 says when to come back",
     )
     parser.add_argument(
+        "--framing",
+        choices=("content-length", "chunked", "close", "http/1.0"),
+        default="content-length",
+        help="how API responses are delimited",
+    )
+    parser.add_argument(
         "--clock-offset",
         type=float,
         default=0.0,
@@ -313,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clock_offset=options.clock_offset,
         seed=options.seed,
         keep_activities=not options.no_keep_activities,
+        framing=options.framing,
     )
     try:
         server.start()

@@ -46,6 +46,8 @@ FAULT_KINDS: Final = frozenset(
 _T = TypeVar("_T")
 _RetryAfterForm = Literal["seconds", "date", "none"]
 _RETRY_AFTER_FORMS: Final = ("seconds", "date", "none")
+_Framing = Literal["content-length", "chunked", "close", "http/1.0"]
+_FRAMINGS: Final = ("content-length", "chunked", "close", "http/1.0")
 _FaultBody = Literal["html", "empty", "text", "per_ok_false", "per_auth"]
 _FAULT_BODIES: Final = ("html", "empty", "text", "per_ok_false", "per_auth")
 
@@ -181,6 +183,48 @@ def _close_variant(response: bytes) -> bytes:
     """Insert ``Connection: close`` into a response built by :func:`_response`."""
     head, sep, body = response.partition(b"\r\n\r\n")
     return head + b"\r\nConnection: close" + sep + body
+
+
+_CLOSE_GAP: Final = 0.005  # seconds between the two halves of a close-delimited response
+
+
+def _reframe(response: bytes, framing: str, close: bool) -> tuple[list[bytes], bool]:
+    """Split a Content-Length framed ``response`` into the writes ``framing`` asks for.
+
+    Returns the byte strings to write in order and whether to close afterwards.
+    ``"chunked"``: ``Transfer-Encoding: chunked`` with the body in three chunks;
+    ``"close"``: no ``Content-Length``, ``Connection: close``, two halves (the
+    body is read to EOF); ``"http/1.0"``: an HTTP/1.0 status line, then close.
+    Responses that have no body (204, 304) keep their head as it is.
+    """
+    head, _, body = response.partition(b"\r\n\r\n")
+    bodiless = head[9:12] in (b"204", b"304")
+    if framing == "http/1.0":
+        return [b"HTTP/1.0" + response[8:]], True
+    if not bodiless:
+        start = head.find(b"\r\nContent-Length: ")
+        if start >= 0:
+            end = head.find(b"\r\n", start + 2)
+            head = head[:start] + (head[end:] if end >= 0 else b"")
+    if framing == "chunked":
+        if bodiless:
+            return [response], close
+        step = max(1, -(-len(body) // 3))
+        chunks = [
+            b"%x\r\n%s\r\n" % (len(body[i : i + step]), body[i : i + step])
+            for i in range(0, len(body), step)
+        ]
+        head += b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        if not chunks:
+            return [head + b"0\r\n\r\n"], close
+        chunks[-1] += b"0\r\n\r\n"
+        return [head, *chunks], close
+    # "close": delimited by the end of the connection
+    if b"\r\nConnection: close" not in head:
+        head += b"\r\nConnection: close"
+    data = head + b"\r\n\r\n" + body
+    cut = len(head) + 4 + len(body) // 2 if len(body) >= 2 else len(data) // 2
+    return [data[:cut], data[cut:]], True
 
 
 _R_401: Final = _response(401, _BODY_401)
@@ -503,11 +547,41 @@ class _Connection(asyncio.Protocol):
                     delay, self._finish, response, not keep_alive
                 )
                 return
-            transport.write(self._dated(response))
-            if not keep_alive:
-                transport.close()
-                self.transport = None
+            if not self._write(response, not keep_alive):
+                self._busy = True  # closed or closing: serve nothing more
                 return
+
+    def _write(self, response: bytes, close: bool) -> bool:
+        """Send ``response`` with the server's framing; ``False`` once the connection closes."""
+        transport = self.transport
+        assert transport is not None
+        response = self._dated(response)
+        framing = self._server._framing
+        if framing == "content-length" or self._control:
+            transport.write(response)
+        else:
+            parts, close = _reframe(response, framing, close)
+            if framing == "close":  # the rest a few milliseconds later, then EOF
+                transport.write(parts[0])
+                self._timer = asyncio.get_running_loop().call_later(
+                    _CLOSE_GAP, self._write_rest, parts[1]
+                )
+                return False
+            for part in parts:
+                transport.write(part)
+        if close:
+            transport.close()
+            return False
+        return True
+
+    def _write_rest(self, rest: bytes) -> None:
+        """The second half of a close-delimited response, then the end of the connection."""
+        self._timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(rest)
+        transport.close()
 
     def _dated(self, response: bytes) -> bytes:
         """Insert the server's ``Date`` header after the status line of ``response``."""
@@ -525,9 +599,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(self._dated(response))
-        if close:
-            transport.close()
+        if not self._write(response, close):
             return
         self._busy = False
         if self._paused:
@@ -578,6 +650,7 @@ class PerServer:
         keep_activities: ``False`` keeps only counters and the per-user
             timestamps reports need, not the :attr:`activities` list (for long
             benchmarks).
+        framing: how API responses are delimited (see :meth:`set_framing`).
     """
 
     def __init__(
@@ -592,6 +665,7 @@ class PerServer:
         latency: float = 0.0,
         seed: int | None = None,
         keep_activities: bool = True,
+        framing: _Framing = "content-length",
     ) -> None:
         self._host = host
         self._port = port
@@ -606,6 +680,7 @@ class PerServer:
         self._rng = random.Random(seed)
         self._id_rng = random.Random()
         self._keep_activities = keep_activities
+        self._framing: _Framing = _check_framing(framing)
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -916,6 +991,23 @@ class PerServer:
             header = b"Retry-After: %s\r\n" % _http_date(moment).encode("ascii")
         return _response(429, _BODY_429, extra_headers=header)
 
+    def set_framing(self, framing: _Framing) -> None:
+        """Choose how later API responses are delimited (the control port is unaffected).
+
+        ``"content-length"`` (the default): ``Content-Length``, keep-alive.
+        ``"chunked"``: ``Transfer-Encoding: chunked``, the body in three chunks
+        written one by one, keep-alive. ``"close"``: no ``Content-Length``,
+        ``Connection: close``; the first half of the response is written, the
+        rest 5 ms later in another TCP segment, then the connection is closed
+        (the body ends at EOF). ``"http/1.0"``: an ``HTTP/1.0`` status line with
+        ``Content-Length``, then the connection is closed. Bodiless answers (204,
+        304) are never chunked or cut.
+
+        Raises:
+            ValueError: an unknown framing.
+        """
+        self._framing = _check_framing(framing)
+
     def set_latency(self, seconds: float) -> None:
         """Delay every later API response by ``seconds`` (``0`` for none)."""
         latency = _check_latency(seconds)
@@ -1033,7 +1125,7 @@ class PerServer:
         Endpoints: ``/stats``, ``/report?start=&end=``, ``/inject?kind=&count=&rate=&
         seconds=&retry_after=&message=&status=&body=``, ``/clear``, ``/outage``, ``/recover``,
         ``/latency?seconds=``, ``/rate_limit?rate=&burst=&retry_after=`` (no
-        ``rate``: no limit), ``/clock?offset=``, ``/reset``,
+        ``rate``: no limit), ``/framing?mode=``, ``/clock?offset=``, ``/reset``,
         ``/tokens?activity=&reporting=``.
         """
         if self._loop is None:
@@ -1209,6 +1301,9 @@ class PerServer:
             return ok
         if path == "/recover":
             await self._listen()
+            return ok
+        if path == "/framing":
+            self.set_framing(_check_framing(params.get("mode", "")))
             return ok
         if path == "/clock":
             self.set_clock_offset(float(params.get("offset", "0") or "0"))
@@ -1421,6 +1516,12 @@ def _auth_set(tokens: Iterable[str]) -> frozenset[bytes | None]:
         raw = token.encode("utf-8")
         values.update((b"Bearer " + raw, b"bearer " + raw, b"BEARER " + raw))
     return frozenset(values)
+
+
+def _check_framing(framing: str) -> _Framing:
+    if framing not in _FRAMINGS:
+        raise ValueError(f"framing must be one of {_FRAMINGS}, not {framing!r}")
+    return cast(_Framing, framing)
 
 
 def _check_offset(seconds: float) -> float:

@@ -278,3 +278,111 @@ def test_fault_order_counted_then_timed_then_rate(server: PerServer, http: httpx
     assert status == 503  # the rate fault again
     server.clear_faults()
     assert add(http, server).status_code == 200
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def read_to_eof(sock: socket.socket) -> list[bytes]:
+    """Every recv() until the server closes, as received."""
+    parts = []
+    while chunk := sock.recv(65536):
+        parts.append(chunk)
+    return parts
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "close", "http/1.0"])
+def test_every_framing_parses_with_httpx(framing: str, http: httpx.Client) -> None:
+    with PerServer(framing=framing) as server:  # type: ignore[arg-type]
+        for latency in (0.0, 0.01):  # written at once, and from the latency timer
+            server.set_latency(latency)
+            response = add(http, server)
+            assert response.json()["ok"] is True and "date" in response.headers
+            server.inject("503")
+            response = add(http, server)
+            assert response.status_code == 503 and "503 Service" in response.text
+            server.inject("http", status=500, body="empty")
+            response = add(http, server)
+            assert response.status_code == 500 and response.content == b""
+            server.inject("http", status=204)
+            assert add(http, server).status_code == 204
+            response = add(http, server, headers={"Authorization": "Bearer wrong"})
+            assert response.json() == {"ok": False, "message": "invalid_auth_token"}
+            headers = response.headers
+            if framing == "chunked":
+                assert headers["transfer-encoding"] == "chunked"
+                assert "content-length" not in headers
+            elif framing == "close":
+                assert headers["connection"] == "close" and "content-length" not in headers
+            elif framing == "http/1.0":
+                assert response.http_version == "HTTP/1.0"
+            else:
+                assert int(headers["content-length"]) == len(response.content)
+        assert len(server.activities) == 2
+        server.set_framing("content-length")
+        assert add(http, server).headers["content-length"]
+
+
+def test_chunked_sends_several_chunks_and_keeps_the_connection(server: PerServer) -> None:
+    server.set_framing("chunked")
+    request = raw_request("/activities.add?billingId=b&userId=u&activityTypeId=t")
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        for _ in range(2):  # the same connection serves a second request
+            sock.sendall(request)
+            received = b""
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = sock.recv(65536)
+                assert chunk
+                received += chunk
+            head, _, rest = received.partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+            body, sizes = b"", []
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                sizes.append(size)
+                if size == 0:
+                    break
+                body, rest = body + rest[:size], rest[size + 2 :]
+            assert len(sizes) >= 4  # three data chunks and the last one
+            assert body.startswith(b'{"ok":true,"result":{"transactionId":"')
+
+
+def test_close_framing_writes_two_segments_then_closes(server: PerServer) -> None:
+    server.set_framing("close")
+    request = raw_request("/activities.add?billingId=b&userId=u&activityTypeId=t")
+    split_seen = False
+    for _ in range(5):  # the halves are 5 ms apart: a busy machine may read them at once
+        with socket.create_connection((server.host, server.port), timeout=5) as sock:
+            sock.sendall(request + request)  # pipelined: only the first is answered
+            parts = read_to_eof(sock)
+        response = b"".join(parts)
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Connection: close" in head and b"Content-Length" not in head
+        assert body.startswith(b'{"ok":true') and body.endswith(b'"}}')
+        assert response.count(b"HTTP/1.1") == 1
+        if len(parts) >= 2:  # the first read ended inside the body
+            split_seen = True
+            assert not parts[0].endswith(b'"}}')
+            break
+    assert split_seen
+
+
+def test_http_1_0_framing_closes_after_one_response(server: PerServer) -> None:
+    server.set_framing("http/1.0")
+    request = raw_request("/activities.add?billingId=b&userId=u&activityTypeId=t")
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(request + request)
+        response = b"".join(read_to_eof(sock))
+    assert response.startswith(b"HTTP/1.0 200 OK\r\n")
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+    assert len(server.activities) == 1
+
+
+def test_set_framing_validates(server: PerServer) -> None:
+    with pytest.raises(ValueError, match="framing"):
+        server.set_framing("gzip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="framing"):
+        PerServer(framing="chunky")  # type: ignore[arg-type]
