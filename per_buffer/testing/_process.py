@@ -212,9 +212,13 @@ class PerServerProcess:
         """Reopen the child's API port (see :meth:`PerServer.recover`)."""
         self._get("/recover")
 
-    def set_latency(self, seconds: float) -> None:
-        """Set the child's response latency in seconds."""
-        self._get("/latency", seconds=seconds)
+    def set_latency(self, seconds: float, duration: float | None = None) -> None:
+        """Set the child's response latency; with ``duration``, a spike that ends by itself."""
+        self._get(
+            "/latency",
+            seconds=repr(float(seconds)),
+            duration=None if duration is None else repr(float(duration)),
+        )
 
     def reset(self) -> None:
         """Forget the child's activities, counters and faults."""

@@ -676,7 +676,9 @@ class PerServer:
         self._clock = clock
         self._clock_offset = _check_offset(clock_offset)
         self._date_cache: tuple[int, bytes] = (-1, b"")  # (unix second, Date header line)
-        self._latency = _check_latency(latency)
+        self._latency = _check_latency(latency)  # in force now (a spike's while one lasts)
+        self._base_latency = self._latency  # what a spike returns to
+        self._spike_until: float | None = None  # time.monotonic() at which the spike ends
         self._rng = random.Random(seed)
         self._id_rng = random.Random()
         self._keep_activities = keep_activities
@@ -1008,11 +1010,42 @@ class PerServer:
         """
         self._framing = _check_framing(framing)
 
-    def set_latency(self, seconds: float) -> None:
-        """Delay every later API response by ``seconds`` (``0`` for none)."""
+    @property
+    def latency(self) -> float:
+        """The seconds added to each API response now (a spike's while it lasts)."""
+        with self._lock:
+            self._end_spike(time.monotonic())
+            return self._latency
+
+    def set_latency(self, seconds: float, duration: float | None = None) -> None:
+        """Delay every later API response by ``seconds`` (``0`` for none).
+
+        With ``duration``, this is a latency spike: it lasts ``duration`` seconds
+        (on the monotonic clock) and then the latency returns by itself to the
+        value set last without a duration. Without one, any spike ends now.
+
+        Raises:
+            ValueError: negative or non-finite ``seconds``, or ``duration`` not positive.
+        """
         latency = _check_latency(seconds)
+        if duration is None:
+            with self._lock:
+                self._latency = self._base_latency = latency
+                self._spike_until = None
+            return
+        length = float(duration)
+        if not (math.isfinite(length) and length > 0.0):
+            raise ValueError(f"duration must be a positive number of seconds, not {duration!r}")
         with self._lock:
             self._latency = latency
+            self._spike_until = time.monotonic() + length
+
+    def _end_spike(self, now: float) -> None:
+        """Return to the base latency once a spike is over (call with the lock held)."""
+        until = self._spike_until
+        if until is not None and now >= until:
+            self._latency = self._base_latency
+            self._spike_until = None
 
     def inject(
         self,
@@ -1124,7 +1157,7 @@ class PerServer:
 
         Endpoints: ``/stats``, ``/report?start=&end=``, ``/inject?kind=&count=&rate=&
         seconds=&retry_after=&message=&status=&body=``, ``/clear``, ``/outage``, ``/recover``,
-        ``/latency?seconds=``, ``/rate_limit?rate=&burst=&retry_after=`` (no
+        ``/latency?seconds=&duration=``, ``/rate_limit?rate=&burst=&retry_after=`` (no
         ``rate``: no limit), ``/framing?mode=``, ``/clock?offset=``, ``/reset``,
         ``/tokens?activity=&reporting=``.
         """
@@ -1151,6 +1184,8 @@ class PerServer:
             counters = self._counters
             counters["requests"] += 1
             self._changed.notify_all()
+            if self._spike_until is not None:
+                self._end_spike(time.monotonic())
             latency = self._latency
             bucket = self._bucket
             if bucket is not None:
@@ -1309,7 +1344,11 @@ class PerServer:
             self.set_clock_offset(float(params.get("offset", "0") or "0"))
             return ok
         if path == "/latency":
-            self.set_latency(float(params.get("seconds", "0") or "0"))
+            duration = params.get("duration")
+            self.set_latency(
+                float(params.get("seconds", "0") or "0"),
+                float(duration) if duration else None,
+            )
             return ok
         if path == "/reset":
             with self._changed:
@@ -1533,8 +1572,8 @@ def _check_offset(seconds: float) -> float:
 
 def _check_latency(seconds: float) -> float:
     latency = float(seconds)
-    if not latency >= 0.0:  # also rejects NaN
-        raise ValueError(f"latency must be >= 0 seconds, not {seconds!r}")
+    if not (latency >= 0.0 and math.isfinite(latency)):  # also rejects NaN
+        raise ValueError(f"latency must be a finite number of seconds >= 0, not {seconds!r}")
     return latency
 
 

@@ -386,3 +386,39 @@ def test_set_framing_validates(server: PerServer) -> None:
         server.set_framing("gzip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="framing"):
         PerServer(framing="chunky")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- latency spikes
+
+
+def test_latency_spike_ends_by_itself(server: PerServer, http: httpx.Client) -> None:
+    server.set_latency(0.002)
+    started = time.monotonic()
+    server.set_latency(0.3, duration=0.6)
+    assert server.latency == 0.3
+    durations: list[float] = []
+    while True:  # each slow answer paces the loop; the first fast one ends it
+        sent = time.monotonic()
+        assert add(http, server, user=f"u{len(durations)}").status_code == 200
+        durations.append(time.monotonic() - sent)
+        if durations[-1] < 0.2:
+            break
+    ended = time.monotonic() - started
+    assert durations[0] >= 0.3 and all(d >= 0.3 for d in durations[:-1])
+    assert 0.6 <= ended < 0.6 + 0.3 + 1.5  # over after its duration, without a call
+    assert durations[-1] >= 0.002
+    assert server.latency == 0.002  # back to the value before the spike
+
+
+def test_latency_spike_is_replaced_or_cancelled(server: PerServer) -> None:
+    server.set_latency(0.01)
+    server.set_latency(2.0, duration=60)
+    server.set_latency(1.0, duration=60)  # a new spike, still returning to 0.01
+    assert server.latency == 1.0
+    server.set_latency(0.0)  # no duration: ends the spike
+    assert server.latency == 0.0
+    for bad in ({"seconds": 0.1, "duration": 0}, {"seconds": 0.1, "duration": float("nan")}):
+        with pytest.raises(ValueError, match="duration"):
+            server.set_latency(**bad)
+    with pytest.raises(ValueError, match="finite"):
+        server.set_latency(float("inf"))
