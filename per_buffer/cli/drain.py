@@ -1,0 +1,221 @@
+"""``per-buffer drain``: deliver a backlog left behind, with progress, rate and ETA."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..client import ACTIVITY_TOKEN_ENV
+from ..recorder import Recorder, RecorderStats
+from ._common import (
+    EXIT_OK,
+    EXIT_SIGNAL_LINES,
+    EXIT_USAGE_LINE,
+    PROG,
+    CLIError,
+    activity_token,
+    add_command,
+    base_url,
+    env,
+    error_line,
+    interrupt_code,
+    interruptible,
+    one_line,
+    out,
+    positive_int,
+    positive_seconds,
+    queue_directory,
+)
+from ._progress import TTY_INTERVAL, DeliveryState, Progress, Rate, bar
+
+CONCURRENCY_ENV = "PER_BUFFER_CONCURRENCY"
+_DRAIN_CONCURRENCY = 32  # a backlog is drained faster than the recorder's everyday default
+
+EPILOG = f"""\
+examples:
+  {PROG} drain --dir /var/lib/myapp/per-buffer
+  {PROG} drain --timeout 30
+
+Delivers every activity left in the directory (needs $PER_ACTIVITY_TOKEN).
+Progress, rate and ETA go to stderr; the summary to stdout. Interrupted,
+it says how many activities are left and where: they stay on disk.
+"""
+
+EXIT_CODES = f"""\
+  0  everything was delivered or dead-lettered (or nothing was left)
+  1  not finished within --timeout, or Per refused the token (the rest stays on disk)
+{EXIT_USAGE_LINE}
+{EXIT_SIGNAL_LINES} (the rest stays on disk)
+"""
+
+
+def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Declare ``per-buffer drain``."""
+    parser = add_command(
+        commands,
+        "drain",
+        "deliver a left-behind backlog from a queue directory",
+        cmd_drain,
+        epilog=EPILOG,
+        exit_codes=EXIT_CODES,
+        common=common,
+    )
+    parser.add_argument("--dir", metavar="DIR", help="queue directory")
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds(86400.0),
+        default=300.0,
+        metavar="S",
+        help="give up after S seconds (default 300)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"requests in flight (default: ${CONCURRENCY_ENV} or {_DRAIN_CONCURRENCY})",
+    )
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """``per-buffer drain``: deliver everything left in a queue directory."""
+    path = queue_directory(args.dir)
+    token = activity_token()
+    url = base_url()
+    recorder = Recorder(
+        token,
+        "-",  # never used: drain records nothing, it only delivers what is on disk
+        directory=path,
+        base_url=url,
+        coalesce_window=0,
+        enabled=True,  # an explicit command: PER_BUFFER_ENABLED=false does not apply
+        exit_timeout=0.0,
+        concurrency=args.concurrency or (None if env(CONCURRENCY_ENV) else _DRAIN_CONCURRENCY),
+    )
+    drain = _Drain(recorder, path, args.timeout)
+    try:
+        with interruptible():
+            first = recorder.stats()
+            if first.pending + first.in_flight == 0:
+                out(f"Nothing to deliver in {path} (dead letters: {first.dead_letters:,}).")
+                return EXIT_OK
+            drain.progress.note(
+                f"Draining {first.pending + first.in_flight:,} activities from {path} to {url} ..."
+            )
+            drain.run(first)
+    except KeyboardInterrupt as exc:
+        drain.progress.done()
+        recorder.close(0.0)
+        left = drain.left_on_disk()
+        error_line(
+            f"interrupted: {left:,} activities left on disk in {path}; "
+            f"'{PROG} drain --dir {path}' continues"
+        )
+        return interrupt_code(exc)
+    finally:
+        recorder.close(0.0)  # whatever is left stays on disk
+    return drain.finish()
+
+
+class _Drain:
+    """One drain: a flush in a thread, watched and shown until it ends or gives up."""
+
+    def __init__(self, recorder: Recorder, path: Path, timeout: float) -> None:
+        self.recorder = recorder
+        self.path = path
+        self.timeout = timeout
+        self.progress = Progress()
+        self.state = DeliveryState()
+        self.rate = Rate()
+        self.started = time.monotonic()
+        self.total = 0
+        self.stats: RecorderStats | None = None
+        self.flushed = False
+        self.auth_refused = False
+
+    def run(self, first: RecorderStats) -> None:
+        """Flush in a thread; show progress until it ends or Per refuses the token."""
+        self.stats, self.total = first, first.pending + first.in_flight
+
+        def flush() -> None:
+            self.flushed = self.recorder.flush(self.timeout)
+
+        flusher = threading.Thread(target=flush, name="per-buffer-drain", daemon=True)
+        flusher.start()
+        while flusher.is_alive():
+            flusher.join(TTY_INTERVAL)
+            self._sample()
+            if self.stats.pause_reason == "auth":
+                self.auth_refused = True
+                break
+        self._sample()
+        if self.progress.tty:  # a terminal's live line ends on the final figures
+            self._show(force=True)
+        self.progress.done()
+
+    def _sample(self) -> None:
+        stats = self.stats = self.recorder.stats()
+        left = stats.pending + stats.in_flight
+        self.total = max(self.total, left)
+        self.rate.add(time.monotonic(), self.total - left)
+        self._show()
+
+    def _show(self, force: bool = False) -> None:
+        stats = self.stats
+        assert stats is not None
+        left = stats.pending + stats.in_flight
+        done = max(0, self.total - left)
+        self.progress.update(
+            f"{bar(done / max(1, self.total))} {done:,}/{self.total:,} | "
+            f"{self.rate.text(left)} | delivered {stats.delivered:,}, "
+            f"dead-lettered {stats.dead_lettered:,}, retried {stats.retried:,} | "
+            f"{self.state.update(stats, time.monotonic())} | "
+            f"{time.monotonic() - self.started:.1f} s",
+            force=force,
+        )
+
+    def left_on_disk(self) -> int:
+        """Activities still undelivered in the directory (after the recorder closed)."""
+        from ..queue import DurableQueue  # noqa: PLC0415  (only on interruption)
+
+        try:
+            with DurableQueue(self.path, reserve_bytes=0) as queue:
+                pending, in_flight = queue.counts()
+        except Exception:
+            stats = self.stats
+            return 0 if stats is None else stats.pending + stats.in_flight
+        return pending + in_flight
+
+    def finish(self) -> int:
+        """The summary on stdout; 0, or a CLIError saying what is left and why."""
+        stats = self.stats
+        assert stats is not None
+        path = self.path
+        left = stats.pending + stats.in_flight
+        elapsed = time.monotonic() - self.started
+        rate = stats.delivered / elapsed if elapsed > 0 else 0.0
+        out(
+            f"delivered {stats.delivered:,}, dead-lettered {stats.dead_lettered:,}, "
+            f"retried {stats.retried:,}, left {left:,} in {elapsed:.1f} s "
+            f"({rate:,.0f}/s) from {path}"
+        )
+        if stats.dead_letters:
+            out(
+                f"{stats.dead_letters:,} dead letters in {path}: see "
+                f"'{PROG} dead-letters list --dir {path}'"
+            )
+        if self.flushed and left == 0 and not self.auth_refused:
+            return EXIT_OK
+        if self.auth_refused:
+            raise CLIError(
+                f"Per refused the activity token; nothing more was sent and {left:,} activities "
+                f"stay in {path}: check {ACTIVITY_TOKEN_ENV}"
+            )
+        reason = f" (last error: {one_line(stats.last_error)})" if stats.last_error else ""
+        raise CLIError(
+            f"{left:,} activities not delivered within {self.timeout:g} s{reason}; they stay in "
+            f"{path}: run '{PROG} drain' again or raise --timeout"
+        )
