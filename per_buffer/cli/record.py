@@ -7,7 +7,7 @@ or lost (neither delivered nor stored, with the reason), on one stream.
 from __future__ import annotations
 
 import argparse
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,14 +187,16 @@ def _lost(reason: str, where: str) -> CLIError:
 
 
 def _wait_for_delivery(recorder: Recorder, timeout: float) -> RecorderStats:
-    """Flush until delivered, ``timeout`` passes, or Per refuses the token."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        done = recorder.flush(max(0.0, min(0.25, left)))
-        stats = recorder.stats()
-        if done or stats.pause_reason == "auth" or left <= 0:
-            return stats
+    """Flush until delivered or ``timeout`` passes; stop early when Per refuses the token."""
+    flusher = threading.Thread(
+        target=recorder.flush, args=(timeout,), name="per-buffer-record", daemon=True
+    )
+    flusher.start()
+    while flusher.is_alive():
+        flusher.join(0.1)
+        if recorder.stats().pause_reason == "auth":
+            break
+    return recorder.stats()
 
 
 def _report_outcome(args: argparse.Namespace, stats: RecorderStats, path: Path) -> int:
