@@ -68,7 +68,9 @@ async def run_channel(base_url: str, token: str, n: int, concurrency: int) -> in
     """N requests over C lean channels; returns the number of failures."""
     loop = asyncio.get_running_loop()
     target = RequestTarget(base_url, token, USER_AGENT)
-    channels = [LeanChannel(loop, target, timeout=10.0, max_body=1 << 20) for _ in range(concurrency)]
+    channels = [
+        LeanChannel(loop, target, timeout=10.0, max_body=1 << 20) for _ in range(concurrency)
+    ]
     for channel in channels:  # connect and warm up outside the clock
         await channel.request(target.activity("bench", "warm-up", ACTIVITY_TYPE))
     users = _users(n, os.urandom(3).hex())
@@ -216,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )
 
-    print(f"**Wire CPU per request** (server in its own process, no latency; {os.cpu_count()} CPUs,")
-    print(f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end)")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print("**Wire CPU per request** (server in its own process, no latency; ", end="")
+    print(f"{os.cpu_count()} CPUs, load average {load} at the end)")
     print()
     print("| client | concurrency | CPU µs per request | CPU s per 1,000 | requests/s | failures |")
     print("|---|---|---|---|---|---|")

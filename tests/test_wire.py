@@ -103,6 +103,7 @@ class Responder:
         self.requests: list[tuple[int, bytes]] = []
         self.release = asyncio.Event()  # scripts that stall wait for this
         self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[Any]] = set()
         self.url = ""
 
     async def __aenter__(self) -> Responder:
@@ -115,15 +116,22 @@ class Responder:
         self.release.set()
         assert self.server is not None
         self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = Peer(self, reader, writer)
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
         try:
             await self.script(peer)
         except (ConnectionError, ssl.SSLError):
             pass
         finally:
+            self.handlers.discard(task)
             writer.close()
 
     def connection_of_requests(self) -> list[int]:
