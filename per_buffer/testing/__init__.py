@@ -5,9 +5,12 @@ pipelining, ``Connection: close``) to stand in for ``https://api.useper.com``:
 ``GET /activities.add`` and ``GET /reports.get`` behave as Per documents them
 (see the project's notes on the API), and every failure a real deployment can
 show is injectable on demand: 503 pages, 429 with or without ``Retry-After``,
-``ok: false``, 401, HTML bodies, hanging requests, dropped connections and full
-outages (connection refused). It runs its own asyncio event loop in a daemon
-thread and uses the standard library only::
+``ok: false``, 401, any status with an HTML, empty, text or Per-shaped body (for
+N requests, a fraction of them, or S seconds), hanging requests, dropped
+connections, full outages (connection refused), a token-bucket rate limit with an
+exact ``Retry-After``, latency spikes, chunked or close-delimited framing and a
+server clock that differs from the host's. It runs its own asyncio event loop in
+a daemon thread and uses the standard library only::
 
     from per_buffer.testing import PerServer
 
