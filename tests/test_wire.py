@@ -759,6 +759,13 @@ def test_close_aborts_an_in_flight_request(run: Callable[..., Any]) -> None:
                 channel.send(b"/y", results.append)
             channel.close()  # idempotent
             await channel.aclose()
+            # closed while still connecting
+            _, channel = channel_for(server.url)
+            results.clear()
+            channel.send(b"/x", results.append)
+            channel.close()
+            await channel.aclose()
+            assert [getattr(r, "kind", None) for r in results] == ["closed"]
 
     run(main())
 

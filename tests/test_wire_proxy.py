@@ -351,6 +351,14 @@ def test_proxy_channel_maps_faults(tinyproxy: TinyProxy) -> None:
             with pytest.raises(RuntimeError):
                 channel.send(b"/x", results.append)
 
+            # closed before the request even started
+            _, channel = _open(server.url, environ=environ)
+            results.clear()
+            channel.send(b"/ok", results.append)
+            channel.close()
+            await channel.aclose()
+            assert [r.kind for r in results] == ["closed"]
+
         # the proxy itself unreachable
         _, channel = _open("http://127.0.0.1:9", proxy=f"http://127.0.0.1:{dead_port}")
         err = await outcome(channel)

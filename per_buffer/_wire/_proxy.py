@@ -22,6 +22,7 @@ import logging
 import re
 import urllib.request
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
@@ -178,6 +179,7 @@ class HttpxChannel(Channel):
 
     __slots__ = (
         "_client",
+        "_closing",
         "_done",
         "_headers",
         "_is_closed",
@@ -221,7 +223,8 @@ class HttpxChannel(Channel):
             "Accept-Encoding": "identity",
         }
         self._done: Done | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Answer | WireError] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
         self._is_closed = False
@@ -245,6 +248,7 @@ class HttpxChannel(Channel):
         self._done = done
         self._timed_out = False
         task = self._loop.create_task(self._run(target))
+        task.add_done_callback(self._finished)
         self._task = task
         self._timer = self._loop.call_later(self._timeout, self._on_timeout, task)
 
@@ -255,48 +259,53 @@ class HttpxChannel(Channel):
         self._is_closed = True
         if self._task is not None:
             self._task.cancel()  # its done gets "closed"
-        self._task = self._loop.create_task(self._client.aclose())
+        self._closing = self._loop.create_task(self._client.aclose())
 
     async def aclose(self) -> None:
         """Close, then wait until the client's connection is closed."""
         if not self._is_closed:
             self.close()
-        task = self._task
-        if task is not None:
-            await asyncio.wait({task}, timeout=1.0)
+        tasks: set[asyncio.Future[Any]] = {t for t in (self._task, self._closing) if t is not None}
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        await asyncio.sleep(0)  # let the request's done callback run
 
-    def _on_timeout(self, task: asyncio.Task[None]) -> None:
+    def _on_timeout(self, task: asyncio.Task[Answer | WireError]) -> None:
         if task is self._task and not task.done():
             self._timed_out = True
             task.cancel()
 
-    async def _run(self, target: bytes) -> None:
-        url = self._target.origin + target.decode("ascii")
-        result: Answer | WireError
+    async def _run(self, target: bytes) -> Answer | WireError:
+        """The outcome of one request; cancellation is handled by :meth:`_finished`."""
         try:
-            result = await self._fetch(url)
-        except asyncio.CancelledError:
-            if self._timed_out:
-                result = WireError(
-                    "timeout",
-                    f"no complete response from {self._target.origin} via "
-                    f"{self._proxy_text} within {self._timeout:g} s",
-                )
-            else:
-                result = WireError("closed", "the channel was closed")
+            return await self._fetch(self._target.origin + target.decode("ascii"))
         except _TooLarge:
-            result = WireError("too_large", f"response body over {self._max_body} bytes")
+            return WireError("too_large", f"response body over {self._max_body} bytes")
         except Exception as exc:
             text = str(exc).strip() or type(exc).__name__
-            result = WireError(
+            return WireError(
                 _classify(exc),
                 f"request to {self._target.origin} via {self._proxy_text} failed "
                 f"({type(exc).__name__}: {redact(text)})",
             )
+
+    def _finished(self, task: asyncio.Task[Answer | WireError]) -> None:
+        """The request's task ended (from the loop): hand its outcome to ``done``."""
+        result: Answer | WireError
+        if not task.cancelled():
+            result = task.result()
+        elif self._timed_out:
+            result = WireError(
+                "timeout",
+                f"no complete response from {self._target.origin} via "
+                f"{self._proxy_text} within {self._timeout:g} s",
+            )
+        else:
+            result = WireError("closed", "the channel was closed")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._task is asyncio.current_task():
+        if self._task is task:
             self._task = None
         done = self._done
         self._done = None
