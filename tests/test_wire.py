@@ -667,6 +667,18 @@ def test_connection_refused_is_connect(run: Callable[..., Any]) -> None:
     run(main())
 
 
+def test_a_host_name_with_several_addresses_connects(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        async with Responder(serve_forever) as server:  # listens on 127.0.0.1 only
+            target, channel = channel_for(server.url.replace("127.0.0.1", "localhost"))
+            assert target.host_header.startswith(b"localhost:")
+            assert (await channel.request(b"/x")).status == 200
+            assert b"\r\nHost: localhost:" in server.requests[0][1]
+            await channel.aclose()
+
+    run(main())
+
+
 # --------------------------------------------------------------------------- the callback contract
 
 

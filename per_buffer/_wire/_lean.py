@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from ._base import Answer, Channel, Done, RequestTarget, WireError, WireErrorKind
 
@@ -92,7 +92,6 @@ class _Conn(asyncio.Protocol):
         "lost",
         "parts",
         "remaining",
-        "reused",
         "scan",
         "served",
         "size",
@@ -116,7 +115,6 @@ class _Conn(asyncio.Protocol):
         self.keep = True
         self.served = 0
         self.got = False
-        self.reused = False
         self.dead = False
         self.lost = False
         self.waiter: asyncio.Future[None] | None = None
@@ -139,9 +137,10 @@ class _Conn(asyncio.Protocol):
             # Transfer-Encoding, no "close" anywhere in its fields, nothing after it.
             # Anything else takes the general parser below, which decides the same.
             match = _HEAD.match(data)
-            if match is not None and match.group(1) == b"1":
-                headers = match.group(3).lower()
-                at = headers.find(b"\ncontent-length:")
+            if match is not None:
+                minor, status_text, fields = match.groups()
+                headers = fields.lower()
+                at = headers.find(b"\ncontent-length:") if minor == b"1" else -1
                 if (
                     at >= 0
                     and b"\ntransfer-encoding:" not in headers
@@ -149,7 +148,7 @@ class _Conn(asyncio.Protocol):
                     and headers.find(b"\ncontent-length:", at + 16) < 0
                 ):
                     value = headers[at + 16 : headers.find(b"\n", at + 16)].strip()
-                    status = int(match.group(2))
+                    status = int(status_text)
                     end = match.end()
                     if (
                         value.isdigit()
@@ -190,9 +189,7 @@ class _Conn(asyncio.Protocol):
     def start(self, request: bytes) -> None:
         """Write one request and expect its response."""
         self.state = _HEAD_WAIT
-        self.reused = self.served > 0
         self.got = False
-        self.scan = 0
         assert self.transport is not None
         self.transport.write(request)
 
@@ -225,7 +222,7 @@ class _Conn(asyncio.Protocol):
             self.drop(abort=False)
             self.ch._complete(Answer(self.status, body, self.head))
             return
-        retry = state != _IDLE and not self.got and self.reused
+        retry = state != _IDLE and not self.got and self.served > 0  # a reused connection
         self.drop(abort=exc is not None)
         if state != _IDLE:
             self.ch._lost(retry, _describe(exc))
@@ -396,6 +393,7 @@ class _Conn(asyncio.Protocol):
         self.served += 1
         self.state = _IDLE
         self.parts = []
+        self.scan = 0
         if data is self.buf:
             self.buf = bytearray()
         if pos < len(data) or not self.keep:
@@ -456,10 +454,8 @@ class LeanChannel(Channel):
 
     def send(self, target: bytes, done: Done) -> None:
         """Send ``GET target``; ``done`` gets the outcome from the loop (see :class:`Channel`)."""
-        if self.busy:
-            raise RuntimeError("channel is busy: one request at a time")
-        if self._is_closed:
-            raise RuntimeError("channel is closed")
+        if self.busy or self._is_closed:
+            raise RuntimeError("channel is closed" if self._is_closed else "channel is busy")
         self.busy = True
         self._done = done
         self._request = request = b"GET " + target + self._suffix
@@ -470,7 +466,9 @@ class LeanChannel(Channel):
             self._timer = loop.call_at(deadline, self._on_timer)
         conn = self._conn
         if conn is not None:
-            conn.start(request)
+            conn.state = _HEAD_WAIT  # conn.start(request), inlined
+            conn.got = False
+            conn.transport.write(request)  # type: ignore[union-attr]
         else:
             self._connect()
 
@@ -565,6 +563,11 @@ class LeanChannel(Channel):
             return conn
 
         https = target.scheme == "https"
+        # asyncio's own loop tries a host's addresses with RFC 8305 "happy eyeballs"
+        # (as httpx's anyio does); uvloop has no such option and tries them in turn.
+        extra: dict[str, Any] = (
+            {"happy_eyeballs_delay": 0.25} if isinstance(self._loop, asyncio.BaseEventLoop) else {}
+        )
         try:
             await self._loop.create_connection(
                 factory,
@@ -572,6 +575,7 @@ class LeanChannel(Channel):
                 target.port,
                 ssl=target.ssl_context() if https else None,
                 server_hostname=target.connect_host if https else None,
+                **extra,
             )
         except asyncio.CancelledError:
             for conn in made:
