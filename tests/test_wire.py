@@ -8,7 +8,9 @@ the pauses the test chooses), on asyncio's default loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import random
 import socket
 import ssl
 import time
@@ -228,6 +230,38 @@ def test_content_length_split_across_segments(run: Callable[..., Any]) -> None:
                 answer = await channel.request(b"/x")
                 assert (answer.status, answer.body) == (200, b"0123456789")
             assert server.connection_of_requests() == [0, 0]
+            await channel.aclose()
+
+    run(main())
+
+
+def test_responses_split_at_random_points(run: Callable[..., Any]) -> None:
+    responses = [
+        (OK, b'{"ok":true}'),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;x=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\n",
+            b"abc0123456789abcdef",
+        ),
+        (b"HTTP/1.1 200 OK\nContent-Length: 4\nX: bare-lf\n\nbare", b"bare"),
+    ]
+    rng = random.Random(11)
+
+    async def main() -> None:
+        async def script(peer: Peer) -> None:
+            for response, _ in responses * 2:
+                await peer.request()
+                cuts = sorted(rng.sample(range(1, len(response)), 10))
+                bounds = [0, *cuts, len(response)]
+                parts = [response[a:b] for a, b in itertools.pairwise(bounds)]
+                await peer.send(*parts, pause=0.002)
+            await peer.request()
+
+        async with Responder(script) as server:
+            _, channel = channel_for(server.url)
+            for _, body in responses * 2:
+                assert (await channel.request(b"/x")).body == body
+            assert set(server.connection_of_requests()) == {0}
             await channel.aclose()
 
     run(main())

@@ -235,8 +235,7 @@ class _Conn(asyncio.Protocol):
         scan = self.scan
         while True:
             if state == _HEAD_WAIT:
-                match = _HEAD.match(data, pos)
-                found = match if match is not None else _HEAD_END.search(data, scan)
+                found = _HEAD_END.search(data, scan)  # from where the last search stopped
                 if found is None:
                     if total - pos >= 5 and data[pos : pos + 5] != b"HTTP/":
                         start = bytes(data[pos : pos + 40])
@@ -246,6 +245,7 @@ class _Conn(asyncio.Protocol):
                     scan = max(pos, total - 2)
                     break
                 end = found.end()
+                match = _HEAD.fullmatch(data, pos, end)
                 if match is None:
                     line = bytes(data[pos : data.find(b"\n", pos)])[:80]
                     raise _Bad("protocol", f"malformed response head (first line {line!r})")
