@@ -9,8 +9,11 @@ latency). For each concurrency C, every client below sends N ``activities.add``
 requests with C in flight, on keep-alive connections opened (and warmed by one
 request each) before the clock starts; the variants alternate within each run.
 Reported: CPU seconds of this process (``time.process_time``) per 1,000
-requests, as microseconds per request, and requests per second, as medians of
-the runs.
+requests, as microseconds per request (split into user and system time by
+``os.times``; system time is mostly the send, recv and epoll calls), and
+requests per second, as medians of the runs. Other processes on the machine
+(the server's included) compete for the cores: read the figures with the load
+average printed under the table.
 
 - ``channel``: :mod:`per_buffer._wire` lean channels, C of them, driven by a
   minimal callback loop that sends the next request from ``done`` (the target is
@@ -53,6 +56,8 @@ class Sample:
     """Medians are taken over these."""
 
     cpu_us: list[float] = field(default_factory=list)
+    user_us: list[float] = field(default_factory=list)
+    sys_us: list[float] = field(default_factory=list)
     rps: list[float] = field(default_factory=list)
     failures: int = 0
 
@@ -93,7 +98,7 @@ async def run_channel(base_url: str, token: str, n: int, concurrency: int) -> in
 
         return done
 
-    start = time.process_time(), time.perf_counter()
+    start = _clock()
     for channel in channels:
         i = state["next"]
         if i < n:
@@ -139,7 +144,7 @@ async def _run_httpx(
             except httpx.HTTPError:
                 state["failures"] += 1
 
-    start = time.process_time(), time.perf_counter()
+    start = _clock()
     await asyncio.gather(*(worker(client) for client in clients))
     _record(start, n)
     for client in clients:
@@ -167,12 +172,20 @@ async def run_lean_transport(base_url: str, token: str, n: int, concurrency: int
 
 
 _LAST: dict[str, float] = {}
+Clock = tuple[float, float, float, float]
 
 
-def _record(start: tuple[float, float], n: int) -> None:
-    cpu = time.process_time() - start[0]
-    wall = time.perf_counter() - start[1]
-    _LAST["cpu_us"] = cpu / n * 1e6
+def _clock() -> Clock:
+    times = os.times()
+    return time.process_time(), time.perf_counter(), times.user, times.system
+
+
+def _record(start: Clock, n: int) -> None:
+    end = _clock()
+    wall = end[1] - start[1]
+    _LAST["cpu_us"] = (end[0] - start[0]) / n * 1e6
+    _LAST["user_us"] = (end[2] - start[2]) / n * 1e6
+    _LAST["sys_us"] = (end[3] - start[3]) / n * 1e6
     _LAST["rps"] = n / wall if wall > 0 else float("inf")
 
 
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     samples: dict[tuple[str, int], Sample] = {}
     with PerServerProcess(keep_activities=False) as server:
+        for _, runner, uv in variants:  # warm-up pass, not reported
+            measure(runner, uv, server.url, server.activity_token, 1000, max(args.concurrency))
         for run in range(args.runs):
             for c in args.concurrency:
                 for name, runner, uv in variants:
@@ -210,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                     failures = measure(runner, uv, server.url, server.activity_token, n, c)
                     sample = samples.setdefault((name, c), Sample())
                     sample.cpu_us.append(_LAST["cpu_us"])
+                    sample.user_us.append(_LAST["user_us"])
+                    sample.sys_us.append(_LAST["sys_us"])
                     sample.rps.append(_LAST["rps"])
                     sample.failures += failures
                     print(
                         f"run {run + 1}/{args.runs} c={c:<3} {name:<24} "
-                        f"{_LAST['cpu_us']:8.1f} us/req {_LAST['rps']:9.0f} req/s",
+                        f"{_LAST['cpu_us']:8.1f} us/req (user {_LAST['user_us']:.1f} "
+                        f"sys {_LAST['sys_us']:.1f}) {_LAST['rps']:9.0f} req/s",
                         file=sys.stderr,
                     )
 
@@ -222,15 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     print("**Wire CPU per request** (server in its own process, no latency; ", end="")
     print(f"{os.cpu_count()} CPUs, load average {load} at the end)")
     print()
-    print("| client | concurrency | CPU µs per request | CPU s per 1,000 | requests/s | failures |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| client | concurrency | CPU µs per request | (user + sys) | CPU s per 1,000 "
+        "| requests/s | failures |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for c in args.concurrency:
         for name, _, _ in variants:
             sample = samples[(name, c)]
             cpu = statistics.median(sample.cpu_us)
+            user = statistics.median(sample.user_us)
+            system = statistics.median(sample.sys_us)
             rps = statistics.median(sample.rps)
             print(
-                f"| {name} | {c} | {cpu:.1f} | {cpu / 1000:.4f} | {rps:,.0f} | {sample.failures} |"
+                f"| {name} | {c} | {cpu:.1f} | ({user:.0f} + {system:.0f}) | {cpu / 1000:.4f} "
+                f"| {rps:,.0f} | {sample.failures} |"
             )
     failures = sum(sample.failures for sample in samples.values())
     return 1 if failures else 0
