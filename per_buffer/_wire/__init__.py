@@ -65,6 +65,7 @@ def open_channel(
     Raises:
         ValueError: ``timeout`` or ``max_body`` is not positive, or the proxy
             URL (argument or environment) is not valid.
+        ImportError: a SOCKS proxy applies and ``socksio`` is not installed.
     """
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, not {timeout!r}")
