@@ -299,10 +299,10 @@ def prefill(
         for billing, user in pairs:
             batch.append((Activity(billing, user, activity_type), now))
             if len(batch) >= PUT_BATCH:
-                stored += queue.put(batch)
+                stored += queue.put(batch).stored
                 batch = []
         if batch:
-            stored += queue.put(batch)
+            stored += queue.put(batch).stored
     finally:
         queue.close()
     return stored

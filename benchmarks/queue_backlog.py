@@ -120,7 +120,7 @@ def main() -> int:
         t0 = time.perf_counter()
         filled = 0
         while filled < args.items:
-            filled += queue.put(batch(counter[0]))
+            filled += queue.put(batch(counter[0])).stored
             counter[0] += PUT_BATCH
         fill_seconds = time.perf_counter() - t0
         results["fill_items_per_s"] = filled / fill_seconds

@@ -22,7 +22,7 @@ import pytest
 from per_buffer.queue import DurableQueue
 
 HELPERS = Path(__file__).with_name("queue_helpers.py")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = int(os.environ.get("PER_TORTURE_ROUNDS", "22"))
 ROLES = {"p0": "producer", "p1": "producer", "c0": "consumer", "c1": "consumer"}
 
