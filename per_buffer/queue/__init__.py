@@ -147,6 +147,7 @@ damage-tolerant reading), ``_inspect``, ``_salvage`` and ``_types`` (the public 
 from __future__ import annotations
 
 from ..errors import QueueError
+from ._inspect import inspect
 from ._layout import is_queue_directory, quarantined_folders, queue_directories
 from ._queue import DurableQueue
 from ._types import (
@@ -169,6 +170,7 @@ __all__ = [
     "QueueError",
     "QueueStats",
     "SalvageResult",
+    "inspect",
     "is_queue_directory",
     "quarantined_folders",
     "queue_directories",
