@@ -150,6 +150,7 @@ from ..errors import QueueError
 from ._inspect import inspect
 from ._layout import is_queue_directory, quarantined_folders, queue_directories
 from ._queue import DurableQueue
+from ._salvage import AlreadySalvagedError, salvage
 from ._types import (
     Claim,
     DeadLetter,
@@ -161,6 +162,7 @@ from ._types import (
 )
 
 __all__ = [
+    "AlreadySalvagedError",
     "Claim",
     "DeadLetter",
     "DurableQueue",
@@ -174,4 +176,5 @@ __all__ = [
     "is_queue_directory",
     "quarantined_folders",
     "queue_directories",
+    "salvage",
 ]
