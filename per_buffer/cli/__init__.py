@@ -47,6 +47,7 @@ from ._common import (
     UsageError,
     error_line,
     interrupt_code,
+    interruptible,
 )
 
 __all__ = ["EXIT_LOST", "CLIError", "UsageError", "build_parser", "main"]
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     handler: Handler = args.handler
     try:
-        with _library_logging(verbose):
+        with interruptible(), _library_logging(verbose):  # SIGTERM: cleanup runs, exit 143
             return handler(args)
     except KeyboardInterrupt as exc:
         with contextlib.suppress(OSError, ValueError):

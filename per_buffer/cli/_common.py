@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 from ..client import ACTIVITY_TOKEN_ENV, BASE_URL_ENV, REPORTING_TOKEN_ENV, resolve_base_url
 from ..config import default_directory
 from ..errors import PerAuthError, PerError, PerRateLimitError
-from ._queues import is_queue_directory
+from ..queue import is_queue_directory
 
 PROG = "per-buffer"
 BUFFER_DIR_ENV = "PER_BUFFER_DIR"

@@ -35,6 +35,7 @@ from ._common import (
     positive_seconds,
     print_json,
 )
+from ._progress import short_error
 
 EPILOG = f"""\
 examples:
@@ -218,7 +219,7 @@ def _report_outcome(args: argparse.Namespace, stats: RecorderStats, path: Path) 
         state, text = "delivered", "delivered"
     else:
         state = "queued"
-        reason = f" ({one_line(stats.last_error).rstrip('.')})" if stats.last_error else ""
+        reason = f" (last error: {short_error(stats.last_error)})" if stats.last_error else ""
         text = (
             f"queued, not delivered yet: Per did not accept it within {args.timeout:g} s"
             f"{reason}; it is on disk in {path} and the next recorder there "

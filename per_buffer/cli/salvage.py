@@ -13,7 +13,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..queue import DurableQueue
+from ..queue import (
+    AlreadySalvagedError,
+    DurableQueue,
+    SalvageResult,
+    is_queue_directory,
+    quarantined_folders,
+    salvage,
+)
 from ._common import (
     EXIT_LOST,
     EXIT_OK,
@@ -25,12 +32,11 @@ from ._common import (
     out,
     print_json,
 )
-from ._queues import is_queue_directory, quarantined_folders, salvage
 
 EPILOG = f"""\
 examples:
   {PROG} status --dir /var/lib/myapp/per-buffer     # lists quarantined databases
-  {PROG} salvage /var/lib/myapp/per-buffer/quarantine-20240501T101500Z-gen-3
+  {PROG} salvage /var/lib/myapp/per-buffer/quarantine-20240501T101500.123456Z-db-0003
   {PROG} salvage ./quarantine-... --dir /var/lib/myapp/per-buffer --json
 
 The re-queued activities are sent by the next recorder on the live directory (or
@@ -38,9 +44,10 @@ The re-queued activities are sent by the next recorder on the live directory (or
 """
 
 EXIT_CODES = f"""\
-  0  salvage ran (the line says how many were re-queued and how many were unreadable)
+  0  it ran: the line says how many entries were re-queued and what was unreadable
   1  the live queue could not be written
-{EXIT_USAGE_LINE}, or QUARANTINE_DIR is not a quarantined database
+{EXIT_USAGE_LINE};
+     QUARANTINE_DIR is not a quarantined database, or was salvaged before
   3  nothing in it was readable
 """
 
@@ -63,6 +70,9 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "--dir",
         metavar="LIVE_DIR",
         help="the live queue directory to re-queue into (default: the one holding it)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="salvage a folder again (stores its entries twice)"
     )
     parser.add_argument("--json", action="store_true", help="JSON on stdout")
 
@@ -97,27 +107,44 @@ def cmd_salvage(args: argparse.Namespace) -> int:
     """``per-buffer salvage``: re-queue what a quarantined database still holds."""
     quarantine = _quarantine_dir(args.quarantine_dir)
     live = _live_dir(args.dir, quarantine)
-    with DurableQueue(live, reserve_bytes=0) as queue:
-        result = salvage(quarantine, into=queue)
-    if result is None:
-        raise CLIError("this per_buffer cannot salvage yet: per_buffer.queue has no salvage()")
-    requeued, unreadable = int(result.requeued), int(result.unreadable)
-    if requeued == 0 and unreadable > 0:
+    try:
+        with DurableQueue(live, reserve_bytes=0) as queue:
+            result = salvage(quarantine, into=queue, force=args.force)
+    except AlreadySalvagedError as exc:
+        raise UsageError(
+            f"{quarantine} was salvaged before (see {exc.marker}); --force stores its "
+            "entries again (duplicates are harmless to Per's counts, not to your backlog)"
+        ) from None
+    except ValueError as exc:  # not a database folder, or a live one
+        raise UsageError(str(exc)) from None
+    found = result.requeued + result.dead_letters + result.refused
+    if found == 0 and (result.unreadable or result.missing):
         raise CLIError(
-            f"nothing was readable in {quarantine}: {unreadable:,} entries could not be read "
-            "and nothing was re-queued",
+            f"nothing was readable in {quarantine}: {_unreadable(result)}; nothing was re-queued",
             EXIT_LOST,
         )
     if args.json:
-        fields: dict[str, Any] = {}
-        if dataclasses.is_dataclass(result) and not isinstance(result, type):
-            fields = dataclasses.asdict(result)
-        print_json({**fields, "quarantine": quarantine, "directory": live})
+        print_json({**dataclasses.asdict(result), "quarantine": quarantine, "directory": live})
         return EXIT_OK
-    out(
-        f"re-queued {requeued:,} entries from {quarantine} into {live}; "
-        f"{unreadable:,} could not be read"
-    )
-    if requeued:
+    line = f"re-queued {result.requeued:,} entries"
+    if result.dead_letters:
+        line += f" and {result.dead_letters:,} dead letters"
+    out(f"{line} from {quarantine} into {live}; could not read: {_unreadable(result)}")
+    if result.refused:
+        out(f"{result.refused:,} readable entries were refused: the live queue is full")
+    if result.requeued:
         out(f"the next recorder there, or '{PROG} drain --dir {live}', sends them")
     return EXIT_OK
+
+
+def _unreadable(result: SalvageResult) -> str:
+    """``0 entries`` / ``3 stored rows (up to 512 entries each), 1,200 entries missing``."""
+    parts = []
+    if result.unreadable:
+        rows = "row" if result.unreadable == 1 else "rows"
+        parts.append(f"{result.unreadable:,} stored {rows} (up to 512 entries each)")
+    if result.missing:
+        parts.append(f"{result.missing:,} entries missing")
+    elif result.missing is None:
+        parts.append("an unknown number of entries (the counters are unreadable too)")
+    return ", ".join(parts) or "0 entries"

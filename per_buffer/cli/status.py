@@ -7,12 +7,13 @@ It never imports the test server.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..queue import QueueStats
+from ..queue import QueueStats, inspect, quarantined_folders, queue_directories
 from ._common import (
     EXIT_OK,
     EXIT_USAGE_LINE,
@@ -31,7 +32,6 @@ from ._common import (
     size,
     table,
 )
-from ._queues import delivery_state, inspect, quarantined_folders, queue_directories
 
 EPILOG = f"""\
 examples:
@@ -79,17 +79,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError("--all lists the default directories; leave out --dir")
         return _status_all(args.json)
     path = queue_directory(args.dir)
-    stats = inspect(path)
+    stats = inspect(path)  # reads only: no lease reclaimed, no file created
     if stats is None:
         raise UsageError(f"{path} holds no per_buffer queue; pass --dir DIR")
-    state = delivery_state(path)
+    state = stats.delivery_state
     folders = quarantined_folders(path)
     if args.json:
         print_json(
             {
                 **_backlog(path, stats),
                 "dropped": dict(stats.dropped),
-                "delivery": state,
+                "delivery": dict(state) if state is not None else None,
                 "quarantine": _quarantine(stats, folders),
             }
         )
@@ -110,27 +110,33 @@ def _backlog(path: Path, stats: QueueStats) -> dict[str, Any]:
 
 
 def _quarantine(stats: QueueStats, folders: list[Path]) -> dict[str, Any]:
-    """Databases moved aside as unreadable, and the entries counted in them."""
-    entries = getattr(stats, "quarantined_entries", None)
+    """Databases moved aside as unreadable, the entries counted in them, what was salvaged."""
     return {
-        "databases": max(len(folders), int(getattr(stats, "quarantined", 0) or 0)),
-        "entries": entries,
+        "databases": max(stats.quarantines, len(folders)),
+        "entries": stats.quarantined_entries,
+        "uncounted_databases": stats.quarantines_uncounted,
+        "salvaged_entries": stats.salvaged_entries,
         "folders": folders,
     }
+
+
+def _quarantine_text(stats: QueueStats, folders: list[Path]) -> str:
+    moved = max(stats.quarantines, len(folders))
+    if not moved:
+        return "none"
+    text = f"{moved:,} database{'s' if moved != 1 else ''} moved aside, "
+    text += f"{stats.quarantined_entries:,} entries in them"
+    if stats.quarantines_uncounted:
+        text += f" (and {stats.quarantines_uncounted:,} that could not be counted)"
+    if stats.salvaged_entries:
+        text += f"; {stats.salvaged_entries:,} salvaged"
+    return text
 
 
 def _print_status(
     path: Path, stats: QueueStats, state: Mapping[str, Any] | None, folders: list[Path]
 ) -> None:
     dropped = ", ".join(f"{k}={v:,}" for k, v in stats.dropped.items() if v) or "0"
-    quarantine = _quarantine(stats, folders)
-    moved = quarantine["databases"]
-    quarantine_text = "none"
-    if moved:
-        entries = quarantine["entries"]
-        quarantine_text = f"{moved:,} database{'s' if moved != 1 else ''} moved aside" + (
-            f", {entries:,} entries in them" if isinstance(entries, int) else ""
-        )
     pairs = [
         ("directory", str(path)),
         ("pending", count(stats.pending)),
@@ -140,7 +146,7 @@ def _print_status(
         ("bytes on disk", size(stats.bytes_on_disk)),
         ("dropped", dropped),
         *_delivery_lines(state),
-        ("quarantined", quarantine_text),
+        ("quarantined", _quarantine_text(stats, folders)),
     ]
     for line in key_values(pairs):
         out(line)
@@ -175,17 +181,28 @@ def _delivery_lines(state: Mapping[str, Any] | None) -> list[tuple[str, str]]:
         lines.append(("success ratio", f"{ratio:.0%} of recent attempts"))
     failures = state.get("failures_by_class") or state.get("failures")
     if isinstance(failures, Mapping):
-        text = ", ".join(f"{k}={v:,}" for k, v in sorted(failures.items()) if v) or "none"
+        text = ", ".join(f"{k}={v}" for k, v in sorted(failures.items()) if v) or "none"
         lines.append(("failures by class", text))
     limits = state.get("flow_limits") or state.get("limits")
     if isinstance(limits, Mapping) and limits:
         lines.append(("flow limits", ", ".join(f"{k}={v}" for k, v in sorted(limits.items()))))
     updated = state.get("updated_at")
-    pid = state.get("pid")
     if isinstance(updated, int | float):
-        by = f" by pid {pid}" if pid is not None else ""
-        lines.append(("state written", f"{age(now - updated)} ago{by}"))
+        lines.append(("state written", f"{age(now - updated)} ago{_by(state.get('pid'))}"))
     return lines
+
+
+def _by(pid: object) -> str:
+    """`` by pid 123 (running)`` or ``(exited)``: whether the writer still runs here."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return ""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f" by pid {pid} (exited)"
+    except OSError:  # exists, owned by someone else
+        pass
+    return f" by pid {pid} (running)"
 
 
 def _status_all(as_json: bool) -> int:

@@ -50,8 +50,8 @@ def backlog(directory: Path, users: int, billing_id: str = "acme") -> None:
     """Leave ``users`` undelivered activities on disk in ``directory``, as a crashed app would."""
     now = time.time()
     with DurableQueue(directory) as queue:
-        stored = queue.put([(Activity(billing_id, f"u{i}", "login"), now) for i in range(users)])
-    assert stored == users
+        result = queue.put([(Activity(billing_id, f"u{i}", "login"), now) for i in range(users)])
+    assert result.stored == users
 
 
 def dead_letters(directory: Path, users: int) -> None:

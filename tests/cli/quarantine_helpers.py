@@ -14,7 +14,7 @@ def quarantine_readable(directory: Path, users: int) -> Path:
     """Move an intact database of ``users`` activities aside, as a process finding damage does."""
     backlog(directory, users, billing_id="saved")
     with DurableQueue(directory) as queue:
-        queue._quarantine("simulated damage")  # the queue's own move-aside
+        queue._storage.quarantine("simulated damage")  # what a process finding damage does
         assert sum(queue.counts()) == 0
     (folder,) = sorted(directory.glob("quarantine-*"))
     return folder

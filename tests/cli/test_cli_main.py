@@ -188,11 +188,6 @@ def test_unknown_default_dir(
     assert str(tmp_path) in line and "PER_BUFFER_DIR" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="per_buffer/config.py (_parse_env) does not name the unit yet; remove this "
-    "marker once it does",
-)
 def test_a_malformed_setting_names_its_unit(tmp_path: Path) -> None:
     """``PER_BUFFER_TIMEOUT=15m`` is a usage error whose one line says the unit is seconds."""
     env = clean_env(

@@ -9,14 +9,8 @@ import pytest
 from cli_helpers import one_error_line, run
 from quarantine_helpers import quarantine_garbage, quarantine_readable
 
-from per_buffer import queue as queue_module
 from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
-
-needs_salvage = pytest.mark.skipif(
-    not hasattr(queue_module, "salvage"),
-    reason="per_buffer.queue has no salvage() yet (issue 10 point 7, queue work)",
-)
 
 
 def pending(directory: Path) -> int:
@@ -24,7 +18,6 @@ def pending(directory: Path) -> int:
         return sum(queue.counts())
 
 
-@needs_salvage
 def test_salvage_requeues_a_readable_quarantine_then_drain_delivers_it(
     env: PerServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -33,8 +26,14 @@ def test_salvage_requeues_a_readable_quarantine_then_drain_delivers_it(
     assert pending(directory) == 0
     assert run("salvage", str(folder)) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"re-queued 6 entries from {folder} into {directory}; 0 could not")
+    assert out.startswith(
+        f"re-queued 6 entries from {folder} into {directory}; could not read: 0 entries\n"
+    )
     assert pending(directory) == 6
+    assert run("salvage", str(folder)) == 2  # a second run would store them twice
+    assert "--force" in one_error_line(capsys.readouterr().err)
+    assert run("status", "--dir", str(directory), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["quarantine"]["salvaged_entries"] == 6
     assert run("drain", "--dir", str(directory), "--timeout", "20") == 0
     capsys.readouterr()
     assert {(a.billing_id, a.user_id) for a in env.activities} == {
@@ -42,7 +41,6 @@ def test_salvage_requeues_a_readable_quarantine_then_drain_delivers_it(
     }
 
 
-@needs_salvage
 def test_salvage_into_another_directory_as_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -57,7 +55,6 @@ def test_salvage_into_another_directory_as_json(
     assert pending(live) == 3
 
 
-@needs_salvage
 def test_nothing_readable_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     directory = tmp_path / "q"
     folder = quarantine_garbage(directory, 50)

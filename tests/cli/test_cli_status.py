@@ -61,10 +61,6 @@ def test_status_shows_backlog(
     assert data["quarantine"]["databases"] == 0
 
 
-@pytest.mark.skipif(
-    not hasattr(DurableQueue, "delivery_state"),
-    reason="per_buffer.queue has no DurableQueue.delivery_state yet (issue 12, queue work)",
-)
 def test_status_shows_the_pause_the_worker_persisted(
     server: PerServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
