@@ -19,10 +19,12 @@ from .client import AsyncPerClient, PerClient
 from .config import RecorderConfig
 from .delivery import DeliveryFailure
 from .errors import (
+    ConfigurationError,
     PerAPIError,
     PerAuthError,
     PerError,
     PerRateLimitError,
+    PerRequestTooLargeError,
     PerTransportError,
     QueueError,
 )
@@ -44,12 +46,14 @@ __all__ = [
     "MAX_ID_LENGTH",
     "Activity",
     "AsyncPerClient",
+    "ConfigurationError",
     "DeliveryFailure",
     "PerAPIError",
     "PerAuthError",
     "PerClient",
     "PerError",
     "PerRateLimitError",
+    "PerRequestTooLargeError",
     "PerTransportError",
     "QueueError",
     "Recorder",

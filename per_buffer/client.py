@@ -8,13 +8,10 @@ client; use it as a context manager or call ``close()`` / ``aclose()``.
 
 from __future__ import annotations
 
-import email.utils
 import ipaddress
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
@@ -24,10 +21,35 @@ from urllib.parse import urlsplit
 import httpx
 
 from ._version import __version__
-from .errors import PerAPIError, PerAuthError, PerError, PerRateLimitError, PerTransportError
+from .errors import (
+    PerAPIError,
+    PerAuthError,
+    PerError,
+    PerRateLimitError,
+    PerRequestTooLargeError,
+    PerTransportError,
+)
 from .models import Report, format_timestamp, parse_timestamp, validate_id
+from .outcomes import (
+    AUTH,
+    OK,
+    RATE_LIMITED,
+    REFUSED_BY_PER,
+    TOO_LARGE,
+    Verdict,
+    judge,
+    parse_retry_after,
+)
 
-__all__ = ["DEFAULT_BASE_URL", "USER_AGENT", "AsyncPerClient", "PerClient"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "USER_AGENT",
+    "AsyncPerClient",
+    "PerClient",
+    "error_for",
+    "interpret_response",
+    "parse_retry_after",
+]
 
 logger = logging.getLogger("per_buffer.client")
 
@@ -112,80 +134,51 @@ def _env_token(*names: str) -> str | None:
 # --------------------------------------------------------------------------- responses
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
+def error_for(verdict: Verdict, endpoint: str) -> PerError:
+    """The typed error for a verdict that is not a success (see :mod:`per_buffer.outcomes`)."""
+    kind, status = verdict.kind, verdict.status
+    if kind == AUTH:
+        return PerAuthError(
+            f"Per refused the token for {endpoint} ({verdict.detail}); check that it is valid "
+            "and has the right scope.",
+            status_code=status,
+        )
+    if kind == REFUSED_BY_PER:
+        code = verdict.message or "unknown_error"
+        return PerAPIError(
+            f"Per rejected {endpoint} ({verdict.detail}).", message=code, status_code=status
+        )
+    if kind == RATE_LIMITED:
+        return PerRateLimitError(
+            f"Per rate-limited {endpoint} ({verdict.detail}).",
+            status_code=status,
+            retry_after=verdict.retry_after,
+        )
+    if kind == TOO_LARGE:
+        return PerRequestTooLargeError(
+            f"The request to {endpoint} is too large ({verdict.detail}).", status_code=status
+        )
+    return PerTransportError(
+        f"No answer from Per for {endpoint}: {verdict.detail}; the request may be retried.",
+        status_code=status,
+        kind=kind,
+    )
 
 
 def interpret_response(
     endpoint: str, status: int, headers: Mapping[str, str], content: bytes
 ) -> Any:
     """Turn one HTTP answer into Per's ``result`` or raise the matching :class:`PerError`."""
-    if status == 401:
-        raise PerAuthError(
-            f"Per refused the token for {endpoint} (HTTP 401); check that it is valid "
-            "and has the right scope.",
-            status_code=status,
-        )
-    if status == 429:
-        retry_after = parse_retry_after(headers.get("retry-after"))
-        wait = "" if retry_after is None else f"; retry after {retry_after:.1f} s"
-        raise PerRateLimitError(
-            f"Per rate-limited {endpoint} (HTTP 429{wait}).", retry_after=retry_after
-        )
-    if status >= 500:
-        raise PerTransportError(
-            f"Per answered {endpoint} with HTTP {status}; the request may be retried.",
-            status_code=status,
-        )
-    try:
-        body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if 400 <= status < 500:
-        message = body.get("message") if isinstance(body, dict) else None
-        if isinstance(message, str) and body.get("ok") is False:
-            if message == "invalid_auth_token":
-                raise PerAuthError(
-                    f"Per refused the token for {endpoint} (invalid_auth_token).",
-                    status_code=status,
-                )
-            raise PerAPIError(
-                f"Per rejected {endpoint} with HTTP {status}: {message}.",
-                message=message,
-                status_code=status,
-            )
-        raise PerError(f"Per answered {endpoint} with HTTP {status}.", status_code=status)
-    if not isinstance(body, dict) or not isinstance(body.get("ok"), bool):
-        raise PerTransportError(
-            f"Per answered {endpoint} with HTTP {status} but not with a JSON object "
-            "holding a boolean 'ok'.",
-            status_code=status,
-        )
-    if body["ok"] is False:
-        message = body.get("message")
-        code = message if isinstance(message, str) else "unknown_error"
-        if code == "invalid_auth_token":
-            raise PerAuthError(
-                f"Per refused the token for {endpoint} (invalid_auth_token).", status_code=status
-            )
-        raise PerAPIError(f"Per rejected {endpoint}: {code}.", message=code, status_code=status)
-    return body.get("result")
+    verdict = judge(status, content, headers.get)
+    if verdict.kind != OK:
+        raise error_for(verdict, endpoint)
+    payload = verdict.payload
+    if payload is None:
+        try:
+            payload = json.loads(content)
+        except (ValueError, UnicodeDecodeError):  # pragma: no cover (judged as Per's JSON)
+            raise error_for(judge(0, b"", headers.get), endpoint) from None
+    return payload.get("result")
 
 
 def _transaction_id(result: Any) -> str:
@@ -193,7 +186,8 @@ def _transaction_id(result: Any) -> str:
         tid = result.get("transactionId")
         if isinstance(tid, str):
             return tid
-    raise PerTransportError("Per answered activities.add without a transactionId.")
+    # Per decides by "ok"; an answer without the documented transactionId still succeeded
+    return ""
 
 
 def _report(result: Any) -> Report:
@@ -345,7 +339,7 @@ class PerClient(_ClientBase):
         )
 
     def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
-        """Record one activity now and return Per's ``transactionId``.
+        """Record one activity now and return Per's ``transactionId`` ("" if Per sent none).
 
         Raises:
             TypeError, ValueError: an ID is invalid (before any request).

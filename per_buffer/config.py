@@ -77,18 +77,33 @@ KNOBS: tuple[Knob, ...] = (
         "Seconds; repeats of a key in one UTC-aligned window are not sent. 0: off.",
     ),
     Knob(
+        "coalesce_margin",
+        ("PER_BUFFER_COALESCE_MARGIN",),
+        "30",
+        "Seconds at each end of a window where only unsent copies suppress repeats: "
+        "the largest difference expected between the host's clock and Per's.",
+    ),
+    Knob(
         "coalesce_max_keys",
         ("PER_BUFFER_COALESCE_MAX_KEYS",),
         "1000000",
         "Keys remembered for coalescing (bounded memory).",
     ),
-    Knob("concurrency", ("PER_BUFFER_CONCURRENCY",), "8", "Requests in flight at once."),
+    Knob("concurrency", ("PER_BUFFER_CONCURRENCY",), "8", "Most requests in flight at once."),
     Knob("timeout", ("PER_BUFFER_TIMEOUT",), "10", "Seconds per HTTP request."),
+    Knob(
+        "proxy",
+        ("PER_BUFFER_PROXY",),
+        "from the environment",
+        "Proxy URL for Per; without it `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and "
+        "`NO_PROXY` apply as httpx reads them.",
+    ),
     Knob(
         "max_attempts",
         ("PER_BUFFER_MAX_ATTEMPTS",),
         "3",
-        "Attempts before an activity Per rejects is dead-lettered.",
+        "Refusals by Per itself (`ok: false`) before an activity is dead-lettered; "
+        "faults on the way never count.",
     ),
     Knob(
         "backoff_initial",
@@ -184,9 +199,11 @@ class RecorderConfig:
     durability: Durability = "batched"
     commit_interval: float = 0.01
     coalesce_window: float = 900.0
+    coalesce_margin: float = 30.0
     coalesce_max_keys: int = 1_000_000
     concurrency: int = 8
     timeout: float = 10.0
+    proxy: str | None = field(default=None, repr=False)
     max_attempts: int = 3
     backoff_initial: float = 0.5
     backoff_max: float = 300.0
@@ -269,6 +286,9 @@ class RecorderConfig:
             )
         _number(self.commit_interval, "commit_interval", low=0.0, high=60.0, strict_low=True)
         _number(self.coalesce_window, "coalesce_window", low=0.0, high=86400.0 * 366)
+        _number(self.coalesce_margin, "coalesce_margin", low=0.0, high=3600.0)
+        if self.proxy is not None and not isinstance(self.proxy, str):
+            raise ValueError(f"proxy must be a URL string, not {type(self.proxy).__name__}")
         _number(self.timeout, "timeout", low=0.0, high=3600.0, strict_low=True)
         _number(self.backoff_initial, "backoff_initial", low=0.0, high=3600.0, strict_low=True)
         _number(self.backoff_max, "backoff_max", low=self.backoff_initial, high=86400.0)
@@ -308,7 +328,10 @@ def _parse_env(name: str, var: str, text: str) -> Any:
         if isinstance(default, float):
             return float(text)
     except ValueError:
-        raise ValueError(f"{var}={text!r} is not a valid {name}") from None
+        unit = "a number of seconds" if isinstance(default, float) else "a whole number"
+        if isinstance(default, bool) or name == "enabled":
+            unit = "true or false"
+        raise ValueError(f"{var}={text!r} is not a valid {name} ({unit})") from None
     return text
 
 

@@ -8,10 +8,12 @@ whether trying the same call again later can succeed. The durable queue raises
 from __future__ import annotations
 
 __all__ = [
+    "ConfigurationError",
     "PerAPIError",
     "PerAuthError",
     "PerError",
     "PerRateLimitError",
+    "PerRequestTooLargeError",
     "PerTransportError",
     "QueueError",
 ]
@@ -25,13 +27,20 @@ class PerError(Exception):
     Attributes:
         retryable: True when the same request may succeed if sent again later.
         status_code: the HTTP status of the response, or None when there was none.
+        kind: the error class of :mod:`per_buffer.outcomes` (``"refused_by_per"``,
+            ``"auth"``, ``"rate_limited"``, ``"too_large"``, ``"server_error"``,
+            ``"network_error"``, ``"not_per_response"``), None when unknown.
     """
 
     retryable: bool = False
 
-    def __init__(self, text: str, *, status_code: int | None = None) -> None:
+    def __init__(
+        self, text: str, *, status_code: int | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(text)
         self.status_code = status_code
+        #: the error class (see :mod:`per_buffer.outcomes`), e.g. ``"not_per_response"``
+        self.kind = kind
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r}, status_code={self.status_code!r})"
@@ -46,8 +55,15 @@ class PerAPIError(PerError):
 
     retryable = False
 
-    def __init__(self, text: str, *, message: str, status_code: int | None = None) -> None:
-        super().__init__(text, status_code=status_code)
+    def __init__(
+        self,
+        text: str,
+        *,
+        message: str,
+        status_code: int | None = None,
+        kind: str | None = "refused_by_per",
+    ) -> None:
+        super().__init__(text, status_code=status_code, kind=kind)
         self.message = message
 
 
@@ -62,7 +78,7 @@ class PerAuthError(PerAPIError):
     def __init__(
         self, text: str, *, message: str = "invalid_auth_token", status_code: int | None = 401
     ) -> None:
-        super().__init__(text, message=message, status_code=status_code)
+        super().__init__(text, message=message, status_code=status_code, kind="auth")
 
 
 class PerRateLimitError(PerError):
@@ -73,7 +89,7 @@ class PerRateLimitError(PerError):
     def __init__(
         self, text: str, *, status_code: int | None = 429, retry_after: float | None = None
     ) -> None:
-        super().__init__(text, status_code=status_code)
+        super().__init__(text, status_code=status_code, kind="rate_limited")
         self.retry_after = retry_after
 
     def __repr__(self) -> str:
@@ -84,12 +100,28 @@ class PerRateLimitError(PerError):
 
 
 class PerTransportError(PerError):
-    """The request did not get a usable answer (network fault, timeout, 5xx, non-JSON body).
+    """No answer from Per itself: a network fault, a timeout, a 5xx, or a body that is not
+    Per's JSON (an HTML page from a proxy or WAF with any status, an empty or truncated body).
 
-    Retryable: the activity may or may not have been recorded by Per.
+    Retryable: the activity may or may not have been recorded by Per. ``kind`` says which
+    transport fault (``server_error``, ``network_error`` or ``not_per_response``).
     """
 
     retryable = True
+
+
+class PerRequestTooLargeError(PerError):
+    """HTTP 413 or 414: this request is too large for Per or a proxy; not retryable."""
+
+    retryable = False
+
+    def __init__(self, text: str, *, status_code: int | None = 413) -> None:
+        super().__init__(text, status_code=status_code, kind="too_large")
+
+
+class ConfigurationError(ValueError):
+    """A setting cannot work on this machine, e.g. a queue directory that cannot be
+    created, locked or written. Raised when the recorder is built, never later."""
 
 
 class QueueError(Exception):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .recorder import RecorderStats
+from .stats import RecorderStats
 
 __all__ = ["Health", "HealthStatus", "health"]
 

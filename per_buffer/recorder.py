@@ -1,12 +1,17 @@
 """The buffered recorder: ``record()`` on the hot path, everything else in the background.
 
-Flow: ``record()`` validates its arguments, drops repeats the coalescer says
-cannot change a report, and appends the activity to an in-memory batch (or,
-in ``sync`` mode, writes it to disk before returning). A committer thread
-writes each batch to the :class:`~per_buffer.queue.DurableQueue` within
-``commit_interval``; the :class:`~per_buffer.delivery.DeliveryWorker` drains
-the queue to Per. When the disk refuses a batch the activities wait in a
-bounded memory buffer and are written when the disk works again.
+Flow: ``record()`` validates its arguments, asks the coalescer whether a repeat may
+be left unsent (see :mod:`per_buffer.coalesce` for the rule), and appends the
+activity to a bounded memory batch (or, in ``sync`` mode, writes it to disk before
+returning). A committer thread writes each batch to the
+:class:`~per_buffer.queue.DurableQueue` within ``commit_interval`` (or as soon as it
+gets the CPU); delivery drains the queue to Per. ``record()`` never waits for the
+disk, for a lock held across I/O or for another thread: when the committer falls
+behind, the batch grows up to ``memory_buffer`` and then drops with a count.
+
+Every activity is accounted for: at quiescence, for one recorder on a private
+directory, ``recorded == coalesced + delivered + dead_lettered + pending + in_flight
++ sum(dropped)``.
 """
 
 from __future__ import annotations
@@ -15,22 +20,25 @@ import asyncio
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import CodeType, FrameType, MappingProxyType, TracebackType
 from typing import Any
 
 from .coalesce import Coalescer
 from .config import RecorderConfig
-from .delivery import DeliveryWorker
-from .errors import QueueError
+from .delivery import DeliverySettings, DeliveryWorker
+from .errors import ConfigurationError, QueueError
+from .health import Health, health
 from .models import MAX_ID_LENGTH, validate_id
-from .queue import DurableQueue
+from .outcomes import FAILURE_CLASSES
+from .queue import DurableQueue, PutResult, QueueStats
+from .stats import RecorderStats
 
 __all__ = [
     "Recorder",
@@ -52,55 +60,8 @@ _monotonic = time.monotonic
 _HELD_RETRY_MIN = 0.2
 _HELD_RETRY_MAX = 5.0
 _LOG_EVERY = 60.0
-
-
-@dataclass(frozen=True)
-class RecorderStats:
-    """A snapshot of a recorder's counters and its queue.
-
-    Attributes:
-        recorded: valid ``record()`` calls accepted (coalesced ones included).
-        coalesced: calls not sent because their key was already sent in the window.
-        enqueued: activities written to the disk queue.
-        delivered: activities Per accepted (by this process's worker).
-        retried: failed attempts that will be retried.
-        dead_lettered: activities moved to the dead letters by this process.
-        dropped: reason -> count of activities lost on purpose (e.g. ``closed``,
-            ``queue_full``, ``memory_full``).
-        pending: activities waiting for delivery: on disk, or still in memory.
-        in_flight: activities leased by a sender (any process on the directory).
-        oldest_pending_age: seconds since the oldest undelivered activity was
-            recorded, or None. Per stamps activities on arrival, so this is how
-            late the next delivery will be counted.
-        paused_until: unix time delivery resumes, while paused; else None.
-        pause_reason: ``"auth"`` or ``"rate_limited"`` while paused; else None.
-        last_error: the last delivery or queue error, as text without secrets.
-        buffered: activities in memory, not yet on disk (part of ``pending``).
-        late_deliveries: deliveries that landed in a later coalescing window
-            (15 minutes when coalescing is off) than their ``record()``.
-        dead_letters: dead letters stored in the directory.
-        bytes_on_disk: size of the queue database.
-        queue_errors: disk queue failures seen by this process.
-    """
-
-    recorded: int
-    coalesced: int
-    enqueued: int
-    delivered: int
-    retried: int
-    dead_lettered: int
-    dropped: Mapping[str, int]
-    pending: int
-    in_flight: int
-    oldest_pending_age: float | None
-    paused_until: float | None
-    pause_reason: str | None
-    last_error: str | None
-    buffered: int = 0
-    late_deliveries: int = 0
-    dead_letters: int = 0
-    bytes_on_disk: int = 0
-    queue_errors: int = 0
+_FEEDBACK_CHUNK = 256  # keys per hold of the hot path's lock when a batch is committed
+_CLOSE_SLACK = 0.3  # seconds of close()'s budget kept for stopping threads and the books
 
 
 _registry: weakref.WeakSet[Recorder] = weakref.WeakSet()
@@ -113,11 +74,13 @@ class Recorder:
     Arguments are taken from keywords, else the environment, else defaults
     (see the README's configuration table or :data:`per_buffer.config.KNOBS`).
 
-    ``record()`` never waits on the network and never raises for a runtime
-    fault; bad arguments raise ``TypeError``/``ValueError`` at once.
+    ``record()`` never waits on the network or the disk (in the default mode) and
+    never raises for a runtime fault; bad arguments raise ``TypeError``/``ValueError``
+    at once.
 
     Raises:
         ValueError: a missing token or activity type, or a bad setting.
+        ConfigurationError: the queue directory cannot be created, locked or written.
     """
 
     def __init__(
@@ -143,10 +106,11 @@ class Recorder:
         self._commit_interval = config.commit_interval
         # a disabled recorder (development, tests) needs no activity type to accept calls
         self._default_type = config.activity_type_id or (None if self._enabled else "unset")
-        self._coalescer = Coalescer(config.coalesce_window, config.coalesce_max_keys)
+        self._coalescer = Coalescer(
+            config.coalesce_window, config.coalesce_margin, config.coalesce_max_keys
+        )
         self._admit = self._coalescer.admit
-        # with the default clock its reading serves the overdue check (no second clock call)
-        self._wall_clock = config.clock is time.time
+        self._memory_bound = max(1, config.memory_buffer)
         self._recorded = 0
         self._coalesced = 0
         self._enqueued = 0
@@ -154,12 +118,22 @@ class Recorder:
         self._dropped: dict[str, int] = {}
         self._closed = False
         self._closed_warned = False
-        self._last_queue_log = 0.0
+        self._closer: threading.Thread | None = None
+        self._last_queue_log = -_LOG_EVERY
         self._last_error: str | None = None
         self._queue: DurableQueue | None = None
+        self._last_id: int | None = None  # the highest id this process stored
+        self._feed_seq = 0
+        self._generation = 0
+        self._quarantined_at_open = 0
+        self._lag_max = 0.0
+        self._queue_stats: QueueStats | None = None  # the last read, for signal handlers
+        self._queue_closed = False
         self._reset_process_state()
-        if self._enabled and self._open_queue() and self._backlog():
-            self._ensure_threads()
+        if self._enabled:
+            self._open_queue(initial=True)
+            if self._backlog():
+                self._ensure_threads()
         _registry.add(self)
 
     # ------------------------------------------------------------------ setup
@@ -175,19 +149,22 @@ class Recorder:
         self._commit_lock = threading.Lock()
         self._buffer: list[tuple[_Key, float]] = []
         self._held: deque[tuple[_Key, float]] = deque()
+        self._committing = 0  # activities the committer took and has not stored yet
+        self._abandoned = False  # close() gave up on the committer's batch and counted it
         self._commit_pending = False
         self._buffer_since = 0.0  # monotonic time of the oldest activity in _buffer
         self._commit_wake = threading.Event()
+        self._disk_progress = threading.Condition()  # notified after every commit
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
         self._worker: DeliveryWorker | None = None
         self._held_delay = _HELD_RETRY_MIN
         self._pid = os.getpid()
 
-    def _open_queue(self) -> bool:
+    def _open_queue(self, *, initial: bool = False) -> bool:
         config = self._config
         try:
-            self._queue = DurableQueue(
+            queue = DurableQueue(
                 config.directory,
                 max_items=config.max_queue_items,
                 max_bytes=config.max_queue_bytes,
@@ -196,20 +173,24 @@ class Recorder:
                 # a write lock held elsewhere fails a put within 2 s (the batch waits in
                 # memory and is retried) instead of stalling flush() and close()
                 lock_timeout=2.0,
+                max_delay=config.backoff_max,
             )  # real time: leases must not expire at the speed of a test's clock
+            stats = queue.stats()
         except (QueueError, OSError) as exc:
-            self._queue = None
+            if initial:
+                raise ConfigurationError(_unusable(config.directory, exc)) from None
             self._queue_fault(exc)
             return False
+        self._queue = queue
+        self._queue_stats = stats
+        self._generation = stats.generation
+        self._feed_seq = stats.failure_seq
+        self._quarantined_at_open = stats.quarantined_entries
         return True
 
     def _backlog(self) -> bool:
-        assert self._queue is not None
-        try:
-            pending, in_flight = self._queue.counts()
-        except QueueError:
-            return False
-        return pending + in_flight > 0
+        stats = self._queue_stats
+        return stats is not None and stats.pending + stats.in_flight > 0
 
     def _ensure_threads(self) -> None:
         """Start the committer and the delivery worker on first use (once, never after close)."""
@@ -227,20 +208,7 @@ class Recorder:
         config = self._config
         if self._worker is None and self._queue is not None and config.token:
             worker = DeliveryWorker(
-                self._queue,
-                token=config.token,
-                base_url=config.base_url,
-                timeout=config.timeout,
-                concurrency=config.concurrency,
-                max_attempts=config.max_attempts,
-                backoff_initial=config.backoff_initial,
-                backoff_max=config.backoff_max,
-                auth_probe_interval=config.auth_probe_interval,
-                poll_interval=config.poll_interval,
-                window=config.coalesce_window,
-                lease_seconds=config.lease_seconds,
-                on_error=config.on_error,
-                clock=config.clock,
+                self._queue, DeliverySettings.from_config(config), feedback=self
             )
             self._worker = worker
             worker.start()
@@ -283,34 +251,32 @@ class Recorder:
                 self._after_fork_in_child()
             now = self._clock()
             key = (billing_id, user_id, activity_type_id)
-            wake = overdue = False
             with self._lock:
+                self._recorded += 1
                 if self._closed:
                     self._drop_closed()
                     return
-                self._recorded += 1
-                if not self._admit(key, now):
+                if not self._admit(key, now, batched=not self._sync):
                     self._coalesced += 1
                     return
                 if not self._enabled:
                     return
-                if not self._sync:
+                if self._sync:
+                    wake = False
+                else:
                     buffer = self._buffer
-                    mono = now if self._wall_clock else _monotonic()
+                    if len(buffer) + len(self._held) + self._committing >= self._memory_bound:
+                        self._coalescer.failed(key)
+                        self._dropped["memory_full"] = self._dropped.get("memory_full", 0) + 1
+                        return
                     if not buffer:
-                        self._buffer_since = mono
+                        self._buffer_since = _monotonic()
                     buffer.append((key, now))
-                    if not self._commit_pending:
-                        self._commit_pending = wake = True
-                    # The committer thread is late (a CPU-bound caller starves it of the
-                    # GIL): commit here, so nothing stays in memory past commit_interval.
-                    overdue = mono - self._buffer_since > self._commit_interval
+                    wake = not self._commit_pending
+                    self._commit_pending = True
             if self._sync:
                 self._commit_sync(key, now)
-                return
-            if overdue:  # never wait here: a busy commit lock means a commit is under way
-                self._commit(wait=0)
-            if wake:
+            elif wake:
                 if self._committer is None:
                     self._ensure_threads()
                 self._commit_wake.set()
@@ -326,6 +292,7 @@ class Recorder:
             logger.warning("per_buffer: record() after close(); activity dropped")
 
     def _commit_sync(self, key: _Key, now: float) -> None:
+        """Sync mode: on disk before returning (a repeat during a write writes again)."""
         self._commit([(key, now)])
         if self._held:  # the disk refused it: the committer retries
             self._ensure_threads()
@@ -335,13 +302,14 @@ class Recorder:
 
     def _commit_loop(self) -> None:
         interval = self._config.commit_interval
+        poll = self._config.poll_interval
         stop = self._stop
         while not stop.is_set():
-            timeout = self._held_delay if self._held else None
-            self._commit_wake.wait(timeout)
+            timeout = self._held_delay if self._held else poll
+            woken = self._commit_wake.wait(timeout)
             if stop.is_set():
-                return
-            if self._commit_pending and not self._sync:
+                break
+            if woken and self._commit_pending and not self._sync:
                 # let neighbours join the batch; the first waits at most interval / 2 here
                 stop.wait(interval / 2)
             with self._lock:
@@ -349,8 +317,14 @@ class Recorder:
                 self._commit_wake.clear()
             try:
                 self._commit()
+                if not woken:
+                    self._read_feedback()
             except Exception:
                 logger.exception("per_buffer: commit failed unexpectedly")
+        try:  # the last commit, for close()
+            self._commit()
+        except Exception:
+            logger.exception("per_buffer: the final commit failed unexpectedly")
 
     def _commit(
         self, extra: list[tuple[_Key, float]] | None = None, *, wait: float | None = None
@@ -371,36 +345,69 @@ class Recorder:
         try:
             with self._lock:
                 batch, self._buffer = self._buffer, []
-            if extra:
-                batch.extend(extra)
-            if self._held:
-                batch = [*self._held, *batch]
-                self._held.clear()
+                since = self._buffer_since
+                batch_from_memory = len(batch)
+                if extra:
+                    batch.extend(extra)
+                if self._held:
+                    batch = [*self._held, *batch]
+                    self._held.clear()
+                self._committing = len(batch)
+            if batch_from_memory:
+                self._lag_max = max(self._lag_max, _monotonic() - since)
             if not batch:
                 return True
-            if self._queue is None and not self._open_queue():
-                self._hold(batch)
-                return False
-            assert self._queue is not None
-            try:
-                stored = self._put(batch)
-            except QueueError as exc:
-                self._queue_fault(exc)
-                self._hold(batch)
-                return False
-            self._held_delay = _HELD_RETRY_MIN
-            with self._lock:
-                self._enqueued += stored
+            stored = self._store(batch)
         finally:
             self._commit_lock.release()
+            with self._disk_progress:
+                self._disk_progress.notify_all()
         worker = self._worker
-        if worker is not None:
-            worker.wake()
-        elif self._config.token:
-            self._ensure_threads()
+        if stored:
+            if worker is not None:
+                worker.wake()
+            elif self._config.token and not self._closed:
+                self._ensure_threads()
+        return stored
+
+    def _store(self, batch: list[tuple[_Key, float]]) -> bool:
+        """Put one batch; on a storage fault hold it in memory. The caller holds the commit lock."""
+        if self._queue is None and not self._open_queue():
+            self._hold(batch)
+            return False
+        assert self._queue is not None
+        try:
+            result = self._put(batch)
+        except QueueError as exc:
+            self._queue_fault(exc)
+            self._hold(batch)
+            return False
+        self._held_delay = _HELD_RETRY_MIN
+        committed_at = self._clock()
+        with self._lock:
+            self._committing = 0
+            self._enqueued += result.stored
+            if self._abandoned:  # close() counted this batch as unwritten: it is on disk
+                self._abandoned = False
+                self._undrop("unwritten_at_close", result.stored)
+        if result.last_id is not None:
+            self._last_id = result.last_id
+        lost = len(batch) - result.stored
+        if lost:  # refused by a full queue: drop_newest keeps the front, drop_oldest the back
+            front = self._config.full_policy == "drop_newest"
+            stored, refused = (
+                (batch[: result.stored], batch[result.stored :])
+                if front
+                else (batch[lost:], batch[:lost])
+            )
+            self._coalescer_failed(key for key, _ in refused)
+            batch = stored
+        self._feedback_committed(batch, committed_at)
+        if result.failure_seq != self._feed_seq or self._queue.generation != self._generation:
+            self._read_feedback(result.failure_seq)
         return True
 
-    def _put(self, batch: list[tuple[_Key, float]]) -> int:
+    def _put(self, batch: list[tuple[_Key, float]]) -> PutResult:
         """``queue.put`` that never loses a batch to one item the storage cannot take.
 
         A storage fault (QueueError) propagates: the whole batch is held and retried.
@@ -409,33 +416,53 @@ class Recorder:
         """
         assert self._queue is not None
         try:
-            stored = self._queue.put(batch)
+            result = self._queue.put(batch)
         except QueueError:
             raise
         except Exception:
             logger.exception("per_buffer: the queue refused a batch; storing it item by item")
-            stored = invalid = 0
-            for item in batch:
-                try:
-                    stored += self._queue.put([item])
-                except QueueError:
-                    raise
-                except Exception:
-                    invalid += 1
-            if invalid:
-                self._drop("invalid", invalid)
-            return stored
-        if stored < len(batch):
-            self._drop("queue_full", len(batch) - stored)
-        return stored
+            return self._put_one_by_one(batch)
+        for reason, count in result.refused.items():
+            self._drop(reason, count)
+        return result
+
+    def _put_one_by_one(self, batch: list[tuple[_Key, float]]) -> PutResult:
+        assert self._queue is not None
+        stored = invalid = 0
+        last = seq = None
+        refused: dict[str, int] = {}
+        for item in batch:
+            try:
+                result = self._queue.put([item])
+            except QueueError:
+                raise
+            except Exception:
+                invalid += 1
+                self._coalescer_failed([item[0]])
+                continue
+            stored += result.stored
+            last = result.last_id if result.last_id is not None else last
+            seq = result.failure_seq
+            for reason, count in result.refused.items():
+                refused[reason] = refused.get(reason, 0) + count
+        if invalid:
+            self._drop("invalid", invalid)
+        for reason, count in refused.items():
+            self._drop(reason, count)
+        return PutResult(stored, None, last, refused, seq if seq is not None else self._feed_seq)
 
     def _hold(self, batch: list[tuple[_Key, float]]) -> None:
-        room = self._config.memory_buffer - len(self._held)
-        if room < len(batch):
-            lost = len(batch) - max(room, 0)
-            self._drop("memory_full", lost)
-            batch = batch[: max(room, 0)]
-        self._held.extend(batch)
+        with self._lock:
+            self._committing = 0
+            room = self._memory_bound - len(self._held) - len(self._buffer)
+            lost: list[tuple[_Key, float]] = []
+            if room < len(batch):
+                keep = max(room, 0)
+                lost, batch = batch[keep:], batch[:keep]
+            self._held.extend(batch)
+        if lost:
+            self._coalescer_failed(key for key, _ in lost)
+            self._drop("memory_full", len(lost))
         self._held_delay = min(_HELD_RETRY_MAX, self._held_delay * 2)
 
     def _queue_fault(self, exc: BaseException) -> None:
@@ -457,15 +484,83 @@ class Recorder:
             self._dropped[reason] = self._dropped.get(reason, 0) + count
         logger.warning("per_buffer: %d activities dropped (%s)", count, reason)
 
+    def _undrop(self, reason: str, count: int) -> None:
+        """A batch counted lost at close() reached the disk after all (holding ``_lock``)."""
+        left = self._dropped.get(reason, 0) - count
+        if left > 0:
+            self._dropped[reason] = left
+        else:
+            self._dropped.pop(reason, None)
+        logger.info(
+            "per_buffer: %d activities counted as unwritten at close reached the disk after all",
+            count,
+        )
+
+    # ------------------------------------------------------------------ coalescing feedback
+
+    def _feedback_committed(self, batch: list[tuple[_Key, float]], at: float) -> None:
+        committed = self._coalescer.committed
+        for start in range(0, len(batch), _FEEDBACK_CHUNK):
+            keys = [key for key, _ in batch[start : start + _FEEDBACK_CHUNK]]
+            with self._lock:
+                committed(keys, at)
+
+    def _coalescer_failed(self, keys: Iterable[_Key]) -> None:
+        failed = self._coalescer.failed
+        with self._lock:
+            for key in keys:
+                failed(key)
+
+    def _read_feedback(self, seq_now: int | None = None) -> None:
+        """Forget keys whose copies failed in any process, or everything after a quarantine.
+
+        ``seq_now``: the failure log's sequence number if just read (by a put).
+        """
+        queue = self._queue
+        if queue is None or not self._coalescer.window:
+            return
+        try:
+            seq = self._feed_seq
+            if queue.generation == self._generation:
+                if seq_now is None:
+                    seq_now = queue.failure_seq()
+                if seq_now == seq:
+                    return
+                seq_now, keys = queue.failures_since(seq)
+            else:
+                seq_now, keys = queue.failure_seq(), None
+        except QueueError:
+            return
+        if keys is None:
+            with self._lock:
+                self._coalescer.forget()
+        else:
+            self._coalescer_failed(keys)
+        self._feed_seq = seq_now
+        self._generation = queue.generation
+
+    def acknowledged(self, key: _Key, sent_at: float) -> None:
+        """Delivery: Per acknowledged a copy of ``key`` sent at ``sent_at`` (this clock)."""
+        with self._lock:
+            self._coalescer.acknowledged(key, sent_at)
+
+    def failed(self, keys: Iterable[_Key]) -> None:
+        """Delivery: copies of ``keys`` failed or were dead-lettered; forget them."""
+        self._coalescer_failed(keys)
+
     # ------------------------------------------------------------------ flush and close
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Deliver everything recorded so far; True when done, False at ``timeout`` seconds.
+        """Deliver everything this process recorded so far; True when done.
 
-        Returns once the queue directory holds nothing undelivered (activities
-        Per refused for good count as done: they are in the dead letters).
-        Never blocks past ``timeout``, even if Per hangs. ``None`` waits without limit.
+        Returns True once every activity this process recorded before the call is
+        settled: delivered, or dead-lettered (Per refused it for good), or dropped and
+        counted. Returns False at ``timeout`` seconds (None waits without limit) and
+        never blocks past it, even if Per hangs. Activities other processes put in a
+        shared directory are not waited for.
         """
+        if _reentrant():  # called from a signal handler that interrupted this library
+            return False
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if not self._enabled:
             return True
@@ -473,75 +568,158 @@ class Recorder:
             return False
         if self._pid != os.getpid():
             self._after_fork_in_child()
-        while not self._commit(wait=_remaining(deadline)):
-            left = _remaining(deadline)
-            if left is not None and left <= 0:
-                return False
-            self._stop.wait(0.05 if left is None else min(0.05, left))
+        if not self._written(deadline):
+            return False
+        last_id = self._last_id
+        queue = self._queue
+        if last_id is None or queue is None:
+            return not self._held
+        return self._deliver(deadline, lambda: queue.settled_through(last_id))
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Deliver everything in the queue directory, whoever recorded it; True when done.
+
+        Like :meth:`flush`, but waits until the directory holds nothing undelivered:
+        use it to hand a backlog left by another process (or a crash) to Per. On a
+        directory that busy neighbours keep filling it may never return True.
+        """
+        if _reentrant():
+            return False
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        if not self._enabled:
+            return True
+        if self._closed or not self._written(deadline):
+            return False
+        queue = self._queue
+        if queue is None:
+            return False
+        return self._deliver(deadline, lambda: queue.counts() == (0, 0))
+
+    def _deliver(self, deadline: float | None, done: Callable[[], bool]) -> bool:
+        """Flush mode until ``done()`` says so, or the deadline; the worker does the sending."""
         self._ensure_threads()
         worker = self._worker
         if worker is None:
             return False
         worker.begin_flush()
         try:
-            return worker.wait_drained(deadline)
+            while True:
+                try:
+                    if done():
+                        return True
+                except QueueError:
+                    pass
+                left = _remaining(deadline)
+                if (left is not None and left <= 0) or not worker.running:
+                    return False
+                worker.wait_progress(0.05 if left is None else min(0.05, left))
         finally:
             worker.end_flush()
+
+    def _written(self, deadline: float | None) -> bool:
+        """Wait until what is in memory is on disk (the committer writes it); False at the
+        deadline. The caller's thread never writes, so a locked database cannot hold it."""
+        if not (self._buffer or self._held or self._committing):
+            return True
+        self._ensure_threads()
+        with self._disk_progress:
+            while True:
+                with self._lock:
+                    if not (self._buffer or self._held or self._committing):
+                        return True
+                    self._commit_pending = True
+                self._commit_wake.set()
+                left = _remaining(deadline)
+                if left is not None and left <= 0:
+                    return False
+                committer = self._committer
+                if committer is None or not committer.is_alive():
+                    return False
+                self._disk_progress.wait(0.05 if left is None else min(0.05, left))
 
     def close(self, timeout: float | None = None) -> None:
         """Flush for up to ``timeout`` seconds (default ``exit_timeout``), then stop.
 
-        Whatever was not delivered stays on disk; the next recorder opened on
-        the same directory delivers it. Calls to ``record()`` afterwards are
-        counted as dropped (reason ``closed``).
+        Returns within ``timeout`` + 0.5 s whatever the disk does. Whatever was not
+        delivered stays on disk; the next recorder opened on the same directory
+        delivers it. What could not reach the disk by then is counted in
+        ``stats().dropped["unwritten_at_close"]`` and logged at WARNING. Calls to
+        ``record()`` afterwards are counted as dropped (reason ``closed``).
         """
+        if timeout is None:
+            timeout = self._config.exit_timeout
+        if _reentrant():  # a signal handler interrupted this library: close in a thread
+            self._close_in_background(timeout)
+            return
+        closer = self._closer
+        if closer is not None and closer is not threading.current_thread():
+            closer.join(timeout + 0.5)
+            return
         if self._closed:
             return
         if self._pid != os.getpid():
             self._after_fork_in_child()
-        if timeout is None:
-            timeout = self._config.exit_timeout
         deadline = time.monotonic() + max(0.0, timeout)
         if self._enabled and (self._worker is not None or self._buffer or self._held):
-            self.flush(timeout)
+            self.flush(max(0.0, timeout - _CLOSE_SLACK))
         with self._lock:
             self._closed = True
+        self._stop_committer(deadline)
+        worker = self._worker
+        stopped = worker is None or worker.stop(max(0.05, deadline - time.monotonic()))
+        queue = self._queue
+        committer = self._committer
+        if queue is not None and stopped and (committer is None or not committer.is_alive()):
+            self._log_left(self.stats())  # the last figures are kept for stats() after close
+            self._queue_closed = True
+            queue.close()
+        _registry.discard(self)
+
+    def _stop_committer(self, deadline: float) -> None:
+        """The committer writes what is in memory and ends; what is not on disk is counted."""
         self._stop.set()
         self._commit_wake.set()
         committer = self._committer
+        alive = False
         if committer is not None and committer is not threading.current_thread():
-            committer.join(max(0.1, deadline - time.monotonic()))
-        if self._enabled:
-            self._commit(wait=max(1.0, deadline - time.monotonic()))
-            if self._held or self._buffer:
-                lost = len(self._held) + len(self._buffer)
-                self._held.clear()
-                self._buffer.clear()
-                self._drop("unwritable_at_close", lost)
-                logger.error(
-                    "per_buffer: %d activities could not be written to %s before close and "
-                    "are lost",
-                    lost,
-                    self._config.directory,
+            committer.join(max(0.0, deadline - time.monotonic()))
+            alive = committer.is_alive()
+        with self._lock:
+            unwritten = len(self._buffer) + len(self._held)
+            if alive and self._committing:
+                unwritten += self._committing
+                self._abandoned = True  # counted: if the batch lands after all, it is undone
+            self._buffer.clear()
+            self._held.clear()
+            if unwritten:
+                self._dropped["unwritten_at_close"] = (
+                    self._dropped.get("unwritten_at_close", 0) + unwritten
                 )
-        worker = self._worker
-        if worker is not None:
-            worker.stop(max(0.5, deadline - time.monotonic()))
-        queue = self._queue
-        if queue is not None:
-            try:
-                pending, in_flight = queue.counts()
-                if pending + in_flight:
-                    logger.info(
-                        "per_buffer: %d activities left on disk in %s; the next recorder on "
-                        "that directory delivers them",
-                        pending + in_flight,
-                        self._config.directory,
-                    )
-            except QueueError:
-                pass
-            queue.close()
-        _registry.discard(self)
+        if unwritten:
+            logger.warning(
+                "per_buffer: %d activities could not be written to %s before close() and "
+                "are lost (counted in stats().dropped['unwritten_at_close'])",
+                unwritten,
+                self._config.directory,
+            )
+
+    def _close_in_background(self, timeout: float) -> None:
+        with self._threads_lock:
+            if self._closer is not None or self._closed:
+                return
+            self._closer = threading.Thread(
+                target=self.close, args=(timeout,), name="per-buffer-close", daemon=True
+            )
+            self._closer.start()
+
+    def _log_left(self, stats: RecorderStats) -> None:
+        if stats.pending + stats.in_flight:
+            logger.info(
+                "per_buffer: %d activities left on disk in %s; the next recorder on "
+                "that directory delivers them",
+                stats.pending + stats.in_flight,
+                self._config.directory,
+            )
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """:meth:`flush` without blocking the event loop (runs in a thread)."""
@@ -601,6 +779,7 @@ class Recorder:
         with _fork_reset_lock:
             if self._pid != os.getpid():
                 self._reset_process_state()
+                self._coalescer.forget()  # the parent's copies are its own to account for
 
     # ------------------------------------------------------------------ observing
 
@@ -615,37 +794,57 @@ class Recorder:
         return self._config.directory
 
     def stats(self) -> RecorderStats:
-        """A snapshot of counters, queue state and pause state."""
+        """A snapshot of counters, queue state and delivery state.
+
+        Safe from a signal handler: when it interrupted this library it reports the
+        last queue figures read instead of reading the disk.
+        """
+        if _reentrant():
+            return self._snapshot(self._queue_stats, locked=False)
         if self._pid != os.getpid():
             self._after_fork_in_child()
+        qs = self._queue_stats
+        queue = self._queue
+        if queue is not None and not self._queue_closed:
+            try:
+                qs = self._queue_stats = queue.stats()
+            except QueueError as exc:
+                self._last_error = str(exc)
+        return self._snapshot(qs, locked=True)
+
+    def _snapshot(self, qs: QueueStats | None, *, locked: bool) -> RecorderStats:
+        if locked:
+            with self._lock:
+                mine = self._memory_figures()
+        else:
+            mine = self._memory_figures()
+        buffered, dropped, first, counts = mine
         worker = self._worker
         ws = worker.stats if worker is not None else None
         pending = in_flight = dead = size = 0
         oldest: float | None = None
         queue_dropped: Mapping[str, int] = {}
-        if self._queue is not None:
-            try:
-                qs = self._queue.stats()
-                pending, in_flight, dead = qs.pending, qs.in_flight, qs.dead_lettered
-                oldest, size, queue_dropped = qs.oldest_pending_age, qs.bytes_on_disk, qs.dropped
-            except QueueError as exc:
-                self._last_error = str(exc)
-        with self._lock:
-            buffered = len(self._buffer) + len(self._held)
-            dropped = dict(self._dropped)
-            first = self._held[0] if self._held else self._buffer[0] if self._buffer else None
-            if first is not None:  # held activities are older than the batch
-                age = self._clock() - first[1]
-                oldest = age if oldest is None else max(oldest, age)
-            counts = (self._recorded, self._coalesced, self._enqueued)
+        quarantined = 0
+        if qs is not None:
+            pending, in_flight, dead = qs.pending, qs.in_flight, qs.dead_lettered
+            oldest, size, queue_dropped = qs.oldest_pending_age, qs.bytes_on_disk, qs.dropped
+            quarantined = qs.quarantined_entries
+            lost = quarantined - self._quarantined_at_open
+            if lost > 0:
+                dropped["quarantined"] = lost
+        if first is not None:
+            age = self._clock() - first
+            oldest = age if oldest is None else max(oldest, age)
         for reason, count in queue_dropped.items():
-            # queue_full is counted above from put's result; a purge is a decision, not a loss
+            # queue_full is counted from put's result; a purge is a decision, not a loss
             if reason not in ("queue_full", "dead_letters_purged"):
                 dropped[f"queue:{reason}"] = count
         last_error = ws.last_error if ws is not None and ws.last_error else self._last_error
+        since = self._buffer_since
+        lag = _monotonic() - since if self._buffer and since else 0.0
         return RecorderStats(
             recorded=counts[0],
-            coalesced=counts[1],
+            coalesced=counts[1] + (ws.coalesced if ws else 0),
             enqueued=counts[2],
             delivered=ws.delivered if ws else 0,
             retried=ws.retried if ws else 0,
@@ -662,7 +861,31 @@ class Recorder:
             dead_letters=dead,
             bytes_on_disk=size,
             queue_errors=self._queue_errors,
+            failures=MappingProxyType(
+                dict(ws.failures) if ws else dict.fromkeys(FAILURE_CLASSES, 0)
+            ),
+            attempts=ws.attempts if ws else 0,
+            flow=ws.flow if ws else None,
+            commit_lag=lag,
+            commit_lag_max=max(self._lag_max, lag),
+            quarantined_entries=quarantined,
+            delivery="thread",
         )
+
+    def _memory_figures(
+        self,
+    ) -> tuple[int, dict[str, int], float | None, tuple[int, int, int]]:
+        buffered = len(self._buffer) + len(self._held) + self._committing
+        first = self._held[0] if self._held else self._buffer[0] if self._buffer else None
+        counts = (self._recorded, self._coalesced, self._enqueued)
+        return buffered, dict(self._dropped), None if first is None else first[1], counts
+
+    def health(self, **limits: Any) -> Health:
+        """Whether delivery keeps up, for a readiness or liveness check.
+
+        Keyword arguments are passed to :func:`per_buffer.health.health`.
+        """
+        return health(self.stats(), **limits)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -675,6 +898,37 @@ class Recorder:
 def _remaining(deadline: float | None) -> float | None:
     """Seconds left until a monotonic deadline (None: no deadline)."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _unusable(directory: Path, exc: BaseException) -> str:
+    return (
+        f"the queue directory {directory} cannot be used ({exc}); set PER_BUFFER_DIR (or "
+        "directory=) to a writable local directory"
+    )
+
+
+# ---------------------------------------------------------------------- signal safety
+
+_LOCK_HOLDERS: set[CodeType] = set()
+# the queue's operations hold its lock; the delivery worker's thread cannot wait for itself
+_LOCKING_MODULES = ("per_buffer.queue", "per_buffer.delivery")
+
+
+def _reentrant() -> bool:
+    """True when the caller runs inside a frame of this library that may hold its locks.
+
+    A signal handler runs on the main thread between two bytecodes of whatever it
+    interrupted; if that was ``record()`` (holding the recorder's lock) or a queue
+    operation, waiting for those locks from the handler would wait forever.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in _LOCK_HOLDERS or frame.f_globals.get("__name__", "").startswith(
+            _LOCKING_MODULES
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ---------------------------------------------------------------------- process hooks
@@ -768,9 +1022,39 @@ def flush(timeout: float | None = None) -> bool:
 
 
 def shutdown(timeout: float | None = None) -> None:
-    """Close the default recorder (flushing up to ``timeout``) and forget it."""
+    """Close the default recorder (flushing up to ``timeout``) and forget it.
+
+    Safe from a signal handler (the usual SIGTERM pattern): when the handler
+    interrupted this library, the close runs in a background thread and the exit
+    handler waits for it.
+    """
     global _default
+    if _reentrant():
+        recorder = _default
+        if recorder is not None:
+            recorder.close(timeout)
+        return
     with _default_lock:
         recorder, _default = _default, None
     if recorder is not None:
         recorder.close(timeout)
+
+
+_LOCK_HOLDERS.update(
+    function.__code__
+    for function in (
+        Recorder.record,
+        Recorder._commit,
+        Recorder._commit_sync,
+        Recorder._store,
+        Recorder._hold,
+        Recorder._drop,
+        Recorder._feedback_committed,
+        Recorder._coalescer_failed,
+        Recorder._snapshot,
+        Recorder._ensure_threads,
+        Recorder._after_fork_in_child,
+        get_recorder,
+        configure,
+    )
+)

@@ -458,7 +458,7 @@ def test_report_needs_reporting_scope(server: PerServer, make_client: Factory) -
 def test_parse_retry_after_forms() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(" 1.5 ") == 1.5
-    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after("-4") is None  # not a valid delay: the backoff decides
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("nan") is None

@@ -147,6 +147,24 @@ def test_environment_configuration(
         Recorder()
 
 
+def test_a_queue_directory_that_is_a_file_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("PER_BUFFER_DIR", str(blocker))
+    monkeypatch.setenv("PER_ACTIVITY_TOKEN", "secret-token-123")
+    monkeypatch.setenv("PER_ACTIVITY_TYPE_ID", "login")
+    with pytest.raises(per_buffer.ConfigurationError) as info:
+        Recorder()
+    message = str(info.value)
+    assert str(blocker) in message and "PER_BUFFER_DIR" in message
+    assert "secret-token-123" not in message
+    with pytest.raises(ValueError):  # a ConfigurationError is a ValueError
+        per_buffer.record("acme", "u1")  # the default recorder: raised on first use
+    per_buffer.shutdown(timeout=0)
+
+
 def test_default_directory_does_not_reveal_token(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -212,7 +230,11 @@ def test_coalescing_preserves_every_aligned_report(tmp_path: Path) -> None:
         clock = [float(start)]
         with PerServer(clock=lambda c=clock: c[0]) as srv:  # type: ignore[misc]
             rec = make(
-                srv, tmp_path / f"q{coalesce}", coalesce_window=coalesce, clock=lambda c=clock: c[0]
+                srv,
+                tmp_path / f"q{coalesce}",
+                coalesce_window=coalesce,
+                coalesce_margin=0,  # the server and the recorder share one clock
+                clock=lambda c=clock: c[0],
             )
             for ts, b, u, k in events:
                 if int(ts // 60) != int(clock[0] // 60):
@@ -268,7 +290,7 @@ def test_503_storm(server: PerServer, tmp_path: Path) -> None:
 
 def test_429_retry_after_is_honoured(server: PerServer, tmp_path: Path) -> None:
     server.inject("429", count=1, retry_after="1")
-    with make(server, tmp_path / "q", concurrency=1) as rec:
+    with make(server, tmp_path / "q", concurrency=1, backoff_max=5.0) as rec:
         rec.record("acme", "u0")
         assert server.wait_for_requests(1, timeout=5)
         refused_at = time.time()
@@ -305,7 +327,8 @@ def test_401_pauses_keeps_everything_then_new_token_delivers(
     with Recorder(
         server.activity_token, "login", directory=directory, base_url=server.url, **FAST
     ) as good:
-        assert good.flush(timeout=10)
+        assert good.flush(timeout=1)  # it recorded nothing itself ...
+        assert good.drain(timeout=10)  # ... and hands the backlog it found to Per
     assert delivered_users(server) == {f"u{i}" for i in range(50)}
     assert "revoked-token" not in per_logs.text
 
@@ -419,7 +442,7 @@ def test_sigkill_then_new_recorder_delivers_everything(
     assert len(must) > 500
     server.recover()
     with make(server, directory, concurrency=16) as rec:
-        assert rec.flush(timeout=60)
+        assert rec.drain(timeout=60)
     missing = must - delivered_users(server)
     assert not missing, f"{len(missing)} recorded activities lost, e.g. {sorted(missing)[:5]}"
 
@@ -648,7 +671,7 @@ def test_retry_after_holds_although_requests_in_flight_succeed(
     server: PerServer, tmp_path: Path
 ) -> None:
     server.set_latency(0.05)
-    with make(server, tmp_path / "q", concurrency=8) as rec:
+    with make(server, tmp_path / "q", concurrency=8, backoff_max=5.0) as rec:
         for i in range(40):
             rec.record("acme", f"warm-{i}")
         assert rec.flush(timeout=10)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from per_buffer import Recorder
+from per_buffer import ConfigurationError, Recorder
 from per_buffer.testing import PerServer
 
 pytestmark = pytest.mark.root
@@ -57,25 +57,12 @@ def test_full_disk_holds_in_memory_then_writes_when_space_returns(
     assert server.unique_count() == total
 
 
-def test_unwritable_directory_never_raises_into_record(
+def test_unwritable_directory_is_a_configuration_error_naming_it(
     server: PerServer, small_tmpfs: Path
 ) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-    rec = Recorder(
-        server.activity_token,
-        "login",
-        directory=small_tmpfs / "q",
-        base_url=server.url,
-        coalesce_window=0,
-        backoff_initial=0.02,
-        poll_interval=0.05,
-    )  # the queue cannot even be created: the recorder starts in memory
-    for i in range(100):
-        rec.record("acme", f"ro-{i}")  # must not raise
-    assert rec.flush(timeout=0.3) is False
-    stats = rec.stats()
-    assert stats.buffered == 100 and stats.queue_errors >= 1
-    subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
-    assert rec.flush(timeout=30)
-    rec.close()
-    assert {a.user_id for a in server.activities} == {f"ro-{i}" for i in range(100)}
+    with pytest.raises(ConfigurationError) as info:
+        Recorder(server.activity_token, "login", directory=small_tmpfs / "q", base_url=server.url)
+    assert str(small_tmpfs / "q") in str(info.value)
+    assert "PER_BUFFER_DIR" in str(info.value)
+    assert server.activity_token not in str(info.value)
