@@ -121,7 +121,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 class _Drain:
-    """One drain: a flush in a thread, watched and shown until it ends or gives up."""
+    """One drain in a thread, watched and shown until it ends or gives up."""
 
     def __init__(self, recorder: Recorder, path: Path, timeout: float) -> None:
         self.recorder = recorder
@@ -137,13 +137,13 @@ class _Drain:
         self.auth_refused = False
 
     def run(self, first: RecorderStats) -> None:
-        """Flush in a thread; show progress until it ends or Per refuses the token."""
+        """Drain in a thread; show progress until it ends or Per refuses the token."""
         self.stats, self.total = first, first.pending + first.in_flight
 
-        def flush() -> None:
-            self.flushed = self.recorder.flush(self.timeout)
+        def drain() -> None:  # the whole directory, whoever recorded it
+            self.flushed = self.recorder.drain(self.timeout)
 
-        flusher = threading.Thread(target=flush, name="per-buffer-drain", daemon=True)
+        flusher = threading.Thread(target=drain, name="per-buffer-drain", daemon=True)
         flusher.start()
         while flusher.is_alive():
             flusher.join(TTY_INTERVAL)

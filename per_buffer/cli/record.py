@@ -13,9 +13,11 @@ from typing import Any
 
 from ..client import ACTIVITY_TOKEN_ENV, PerClient
 from ..config import RecorderConfig
+from ..errors import ConfigurationError, QueueError
 from ..models import validate_id
 from ..recorder import Recorder, RecorderStats
 from ._common import (
+    BUFFER_DIR_ENV,
     EXIT_FAILURE,
     EXIT_LOST,
     EXIT_OK,
@@ -160,8 +162,9 @@ def _record_queued(args: argparse.Namespace, token: str, type_id: str, url: str)
     where = f"{path} (from {source})"
     try:
         recorder = Recorder(token, type_id, **options)
-    except Exception as exc:  # the recorder refuses an unusable directory at construction
-        raise _lost(one_line(exc), where) from None
+    except ConfigurationError as exc:  # the directory cannot be created, locked or written
+        cause = exc.__context__ if isinstance(exc.__context__, OSError | QueueError) else exc
+        raise _lost(f"the queue directory {where} cannot be used ({one_line(cause)})") from None
     try:
         recorder.record(args.billing_id, args.user_id)
         stats = recorder.stats()
@@ -174,15 +177,15 @@ def _record_queued(args: argparse.Namespace, token: str, type_id: str, url: str)
         if stats.dropped:
             reason = "dropped: " + ", ".join(f"{k}={v}" for k, v in stats.dropped.items())
         else:
-            reason = one_line(stats.last_error or "the queue refused the write")
-        raise _lost(reason, where)
+            reason = one_line(stats.last_error or "the write failed")
+        raise _lost(f"the queue in {where} did not store it ({reason.rstrip('.')})")
     return _report_outcome(args, stats, path)
 
 
-def _lost(reason: str, where: str) -> CLIError:
+def _lost(what: str) -> CLIError:
     return CLIError(
-        f"lost: the activity was neither delivered nor stored: {reason.rstrip('.')}; queue "
-        f"directory {where}: point --dir or $PER_BUFFER_DIR at a writable directory",
+        f"lost: the activity was neither delivered nor stored: {what}; point --dir or "
+        f"{BUFFER_DIR_ENV} at a writable local directory",
         EXIT_LOST,
     )
 

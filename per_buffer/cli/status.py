@@ -183,13 +183,30 @@ def _delivery_lines(state: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     if isinstance(failures, Mapping):
         text = ", ".join(f"{k}={v}" for k, v in sorted(failures.items()) if v) or "none"
         lines.append(("failures by class", text))
-    limits = state.get("flow_limits") or state.get("limits")
-    if isinstance(limits, Mapping) and limits:
-        lines.append(("flow limits", ", ".join(f"{k}={v}" for k, v in sorted(limits.items()))))
+    flow = _flow_text(state)
+    if flow:
+        lines.append(("flow", flow))
+    delivered, attempts = state.get("delivered"), state.get("attempts")
+    if isinstance(delivered, int) and isinstance(attempts, int):
+        lines.append(("worker sent", f"{attempts:,} requests, {delivered:,} delivered"))
     updated = state.get("updated_at")
     if isinstance(updated, int | float):
         lines.append(("state written", f"{age(now - updated)} ago{_by(state.get('pid'))}"))
     return lines
+
+
+def _flow_text(state: Mapping[str, Any]) -> str:
+    """``4 of 8 requests in flight, 12.5/s learned from a rate limit, probing``."""
+    parts = []
+    limit, ceiling = state.get("limit"), state.get("max_concurrency")
+    if isinstance(limit, int) and isinstance(ceiling, int):
+        parts.append(f"up to {limit} of {ceiling} requests in flight")
+    rate = state.get("rate")
+    if isinstance(rate, int | float):
+        parts.append(f"{rate:.3g}/s learned from a rate limit")
+    if state.get("probing"):
+        parts.append("probing one request at a time while Per fails")
+    return ", ".join(parts)
 
 
 def _by(pid: object) -> str:
