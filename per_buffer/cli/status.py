@@ -188,7 +188,7 @@ def _delivery_lines(state: Mapping[str, Any] | None) -> list[tuple[str, str]]:
         lines.append(("flow", flow))
     delivered, attempts = state.get("delivered"), state.get("attempts")
     if isinstance(delivered, int) and isinstance(attempts, int):
-        lines.append(("worker sent", f"{attempts:,} requests, {delivered:,} delivered"))
+        lines.append(("last worker sent", f"{attempts:,} requests, {delivered:,} delivered"))
     updated = state.get("updated_at")
     if isinstance(updated, int | float):
         lines.append(("state written", f"{age(now - updated)} ago{_by(state.get('pid'))}"))
