@@ -301,13 +301,17 @@ class DeliveryWorker:
         loop = self._loop
         assert loop is not None
         self._pump_at = at
-        self._pump_handle = loop.call_at(loop.time() + max(0.0, at - time.monotonic()), self._pump)
+        self._pump_handle = loop.call_at(
+            loop.time() + max(0.0, at - time.monotonic()), self._on_timer
+        )
+
+    def _on_timer(self) -> None:
+        self._pump_handle = None
+        self._pump_at = math.inf
+        self._pump()
 
     def _pump(self) -> None:
         """Send what the flow controller admits; claim more when running low."""
-        if self._pump_handle is not None and self._pump_at <= time.monotonic():
-            self._pump_handle = None
-            self._pump_at = math.inf
         if self._stopping:
             return
         now = time.monotonic()
