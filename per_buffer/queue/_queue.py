@@ -35,6 +35,7 @@ from ._rows import (
     record_rows,
     row_key,
     row_size,
+    rows_size,
     save_leases,
     to_entry,
 )
@@ -418,7 +419,7 @@ class DurableQueue:
             meta = Counters.load(cache, self._storage.first_id)
             gone = model.detach(cache, meta, claim.lease_id, wanted)
             if gone:
-                meta.bytes -= sum(row_size(row) for row in gone)
+                meta.bytes -= rows_size(gone)
                 meta.delivered += len(gone)
                 if coalesced:
                     meta.coalesced += len(gone)
@@ -711,7 +712,7 @@ class DurableQueue:
                         model.push_group(cache, meta, 0, rows)
                     meta.pending += len(rows)
                 else:
-                    meta.bytes -= sum(row_size(row) for row in rows)
+                    meta.bytes -= rows_size(rows)
                     meta.drop("dead_letters_purged", len(rows))
                 cache.delete(key)
                 meta.dead -= len(rows)

@@ -117,11 +117,6 @@ def row_key(row: list[Any]) -> tuple[str, str, str]:
     return row[1], row[2], row[3]
 
 
-def utf8_len(text: str) -> int:
-    """UTF-8 size of ``text`` (lone surrogates counted as 3 bytes)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 def payload_size(billing_id: str, user_id: str, activity_type_id: str) -> int:
     """Payload bytes counted against ``max_bytes`` for one entry.
 
@@ -129,12 +124,20 @@ def payload_size(billing_id: str, user_id: str, activity_type_id: str) -> int:
     ``MAX_TEXT`` characters) is not, because a leased entry can never be refused for
     lack of room, so counting it would let ``bytes`` exceed ``max_bytes``.
     """
-    return ENTRY_OVERHEAD + utf8_len(billing_id) + utf8_len(user_id) + utf8_len(activity_type_id)
+    text = billing_id + user_id + activity_type_id  # one check instead of three: per row
+    return ENTRY_OVERHEAD + (
+        len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    )
 
 
 def row_size(row: list[Any]) -> int:
     """Payload bytes of a stored row."""
     return payload_size(row[1], row[2], row[3])
+
+
+def rows_size(rows: list[list[Any]]) -> int:
+    """Payload bytes of stored rows."""
+    return sum(payload_size(row[1], row[2], row[3]) for row in rows)
 
 
 def to_entry(row: list[Any]) -> Entry:
