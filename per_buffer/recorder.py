@@ -259,7 +259,8 @@ class Recorder:
                 if not self._admit(key, now, batched=not self._sync):
                     self._coalesced += 1
                     return
-                if not self._enabled:
+                if not self._enabled:  # counted: nothing will be sent
+                    self._dropped["disabled"] = self._dropped.get("disabled", 0) + 1
                     return
                 if self._sync:
                     wake = False
@@ -454,6 +455,9 @@ class Recorder:
     def _hold(self, batch: list[tuple[_Key, float]]) -> None:
         with self._lock:
             self._committing = 0
+            if self._abandoned:  # close() already counted this batch as unwritten
+                self._abandoned = False
+                return
             room = self._memory_bound - len(self._held) - len(self._buffer)
             lost: list[tuple[_Key, float]] = []
             if room < len(batch):

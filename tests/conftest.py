@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from per_buffer import Recorder
 from per_buffer.testing import PerServer
 
 
@@ -71,3 +72,31 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     for target in mounts:
         subprocess.run(["mount", "-o", "remount,rw", str(target)], check=False, capture_output=True)
         subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def counters_add_up(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[Recorder]]:
+    """After the test, every recorder it built (closed now if still open) satisfies
+    ``recorded == coalesced + delivered + dead_lettered + pending + in_flight +
+    sum(dropped)``. Tests where recorders share a directory (one delivers what another
+    recorded) opt out with ``@pytest.mark.shared_directory``."""
+    made: list[Recorder] = []
+    original = Recorder.__init__
+
+    def tracking(self: Recorder, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(Recorder, "__init__", tracking)
+    yield made
+    if request.node.get_closest_marker("shared_directory"):
+        return
+    for recorder in made:
+        recorder.close(timeout=5)
+        s = recorder.stats()
+        accounted = (s.coalesced + s.delivered + s.dead_lettered + s.pending + s.in_flight) + sum(
+            s.dropped.values()
+        )
+        assert s.recorded == accounted, f"counters do not add up for {recorder!r}: {s}"

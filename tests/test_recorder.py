@@ -22,6 +22,8 @@ from per_buffer import DeliveryFailure, PerAPIError, Recorder
 from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
 
+pytestmark = pytest.mark.usefixtures("counters_add_up")
+
 CHILD = str(Path(__file__).with_name("recorder_child.py"))
 FAST = {
     "backoff_initial": 0.02,
@@ -303,6 +305,7 @@ def test_429_retry_after_is_honoured(server: PerServer, tmp_path: Path) -> None:
     assert len(server.activities) == 5
 
 
+@pytest.mark.shared_directory
 def test_401_pauses_keeps_everything_then_new_token_delivers(
     server: PerServer, tmp_path: Path, per_logs: pytest.LogCaptureFixture
 ) -> None:
@@ -406,6 +409,7 @@ def test_record_does_not_block_while_server_is_down(server: PerServer, tmp_path:
 # ------------------------------------------------------------- crash, exit, fork, processes
 
 
+@pytest.mark.shared_directory
 @pytest.mark.parametrize("durability", ["sync", "batched"])
 def test_sigkill_then_new_recorder_delivers_everything(
     server: PerServer, tmp_path: Path, durability: str
@@ -453,6 +457,7 @@ def test_atexit_flush_in_subprocess(server: PerServer, tmp_path: Path) -> None:
     assert delivered_users(server) == {f"exiting-{i}" for i in range(120)}
 
 
+@pytest.mark.shared_directory
 def test_four_processes_share_one_directory(server: PerServer, tmp_path: Path) -> None:
     directory = str(tmp_path / "shared")
     procs = [
@@ -471,6 +476,7 @@ def test_four_processes_share_one_directory(server: PerServer, tmp_path: Path) -
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.shared_directory
 def test_fork_child_gets_fresh_worker(server: PerServer, tmp_path: Path) -> None:
     rec = make(server, tmp_path / "q")
     rec.record("acme", "parent-before")
@@ -496,6 +502,7 @@ def test_fork_child_gets_fresh_worker(server: PerServer, tmp_path: Path) -> None
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.shared_directory
 def test_preload_style_fork_works_in_every_child(server: PerServer, tmp_path: Path) -> None:
     rec = make(server, tmp_path / "q")  # made in the "master" before forking workers
     rec.record("acme", "master")  # threads running in the master at fork time

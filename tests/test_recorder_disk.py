@@ -11,7 +11,7 @@ import pytest
 from per_buffer import ConfigurationError, Recorder
 from per_buffer.testing import PerServer
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("counters_add_up")]
 
 
 @pytest.fixture

@@ -459,7 +459,7 @@ class DeliveryWorker:
         self._auth_logged = True
         logger.error(
             "per_buffer: Per refused the activity token (%s); delivery is paused and every "
-            "activity stays on disk (a probe every %.0f s). Fix the token and restart.",
+            "activity stays on disk (a probe every %g s). Fix the token and restart.",
             verdict.detail,
             self.settings.auth_probe_interval,
         )
