@@ -22,6 +22,7 @@ from .models import validate_id
 __all__ = ["KNOBS", "Knob", "RecorderConfig", "default_directory"]
 
 Durability = Literal["batched", "sync"]
+Delivery = Literal["process", "thread", "external"]
 FullPolicy = Literal["drop_newest", "drop_oldest"]
 
 
@@ -63,6 +64,20 @@ KNOBS: tuple[Knob, ...] = (
         ("PER_BUFFER_DURABILITY",),
         "batched",
         "`batched`: on disk within `commit_interval`; `sync`: before `record()` returns.",
+    ),
+    Knob(
+        "delivery",
+        ("PER_BUFFER_DELIVERY",),
+        "process",
+        "Who delivers: `process` (a drainer process per queue directory, started on "
+        "demand, so serving processes only record), `thread` (a thread of each recording "
+        "process) or `external` (`per-buffer drain --follow`, run by you).",
+    ),
+    Knob(
+        "drainer_nice",
+        ("PER_BUFFER_DRAINER_NICE",),
+        "10",
+        "Niceness added to a started drainer process, so delivery uses idle CPU first.",
     ),
     Knob(
         "commit_interval",
@@ -197,6 +212,8 @@ class RecorderConfig:
     base_url: str
     enabled: bool = True
     durability: Durability = "batched"
+    delivery: Delivery = "process"
+    drainer_nice: int = 10
     commit_interval: float = 0.01
     coalesce_window: float = 900.0
     coalesce_margin: float = 30.0
@@ -280,6 +297,11 @@ class RecorderConfig:
         """Check every value's range; raise ValueError naming the first bad one."""
         if self.durability not in ("batched", "sync"):
             raise ValueError(f"durability must be 'batched' or 'sync', not {self.durability!r}")
+        if self.delivery not in ("process", "thread", "external"):
+            raise ValueError(
+                f"delivery must be 'process', 'thread' or 'external', not {self.delivery!r}"
+            )
+        _integer(self.drainer_nice, "drainer_nice", 0, 19)
         if self.full_policy not in ("drop_newest", "drop_oldest"):
             raise ValueError(
                 f"full_policy must be 'drop_newest' or 'drop_oldest', not {self.full_policy!r}"

@@ -92,5 +92,6 @@ def test_readme_sample_runs(
         assert per_env.wait_for_activities(1, timeout=5)
     for receiver in signal.receivers:
         per_buffer.record("acme-corp", "celery-worker")
-        receiver()
+        receiver()  # on disk now; the drainer (or this flush) delivers it
+        assert per_env.wait_for_activities(1, timeout=5)
         assert any(a.user_id == "celery-worker" for a in per_env.activities)

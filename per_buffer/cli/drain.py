@@ -38,14 +38,21 @@ EPILOG = f"""\
 examples:
   {PROG} drain --dir /var/lib/myapp/per-buffer
   {PROG} drain --timeout 30
+  {PROG} drain --follow --dir /var/lib/myapp/per-buffer   # a sidecar or systemd unit
 
 Delivers every activity left in the directory (needs $PER_ACTIVITY_TOKEN).
 Progress, rate and ETA go to stderr; the summary to stdout. Interrupted,
 it says how many activities are left and where: they stay on disk.
+
+--follow runs the directory's drainer in the foreground until stopped: it
+delivers whatever recorders commit (set PER_BUFFER_DELIVERY=external in the
+recording processes so that they never start their own). While another
+drainer runs for the directory it waits and takes over when that one ends.
 """
 
 EXIT_CODES = f"""\
-  0  everything was delivered or dead-lettered (or nothing was left)
+  0  everything was delivered or dead-lettered (or nothing was left);
+     with --follow, stopped by SIGTERM or Ctrl-C
   1  not finished within --timeout, or Per refused the token (the rest stays on disk)
 {EXIT_USAGE_LINE}
 {EXIT_SIGNAL_LINES} (the rest stays on disk)
@@ -64,6 +71,11 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         common=common,
     )
     parser.add_argument("--dir", metavar="DIR", help="queue directory")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="run as the directory's drainer until stopped (delivery='external')",
+    )
     parser.add_argument(
         "--timeout",
         type=positive_seconds(86400.0),
@@ -85,6 +97,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     path = queue_directory(args.dir)
     token = activity_token()
     url = base_url()
+    if args.follow:
+        return _follow(path, token, url, args.concurrency)
     recorder = Recorder(
         token,
         "-",  # never used: drain records nothing, it only delivers what is on disk
@@ -92,6 +106,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         base_url=url,
         coalesce_window=0,
         enabled=True,  # an explicit command: PER_BUFFER_ENABLED=false does not apply
+        delivery="thread",  # this command delivers, in the foreground
         exit_timeout=0.0,
         concurrency=args.concurrency or (None if env(CONCURRENCY_ENV) else _DRAIN_CONCURRENCY),
     )
@@ -219,3 +234,32 @@ class _Drain:
             f"{left:,} activities not delivered within {self.timeout:g} s{reason}; they stay in "
             f"{path}: run '{PROG} drain' again or raise --timeout"
         )
+
+
+def _follow(path: Path, token: str, url: str, concurrency: int | None) -> int:
+    """The directory's drainer in the foreground (a sidecar, a systemd unit) until stopped."""
+    from ..config import RecorderConfig  # noqa: PLC0415  (only for --follow)
+    from ..delivery import DeliverySettings  # noqa: PLC0415
+    from ..drainer import BUSY, DrainerOptions, run  # noqa: PLC0415
+
+    config = RecorderConfig.resolve(
+        token=token, activity_type_id="-", directory=path, base_url=url, concurrency=concurrency
+    )
+    drainer = DrainerOptions(
+        directory=path,
+        settings=DeliverySettings.from_config(config),
+        max_queue_items=config.max_queue_items,
+        max_queue_bytes=config.max_queue_bytes,
+        full_policy=config.full_policy,
+        lease_seconds=config.lease_seconds,
+        follow=True,
+    )
+    stop = threading.Event()
+    out(f"Following {path}: delivering what recorders commit to {url} (Ctrl-C stops).")
+    with interruptible():
+        try:
+            while run(drainer) == BUSY:
+                stop.wait(1.0)  # another drainer runs: take over when it ends
+        except KeyboardInterrupt as exc:
+            return interrupt_code(exc)
+    return EXIT_OK

@@ -62,7 +62,7 @@ _USER_AGENT = f"per-buffer/{__version__}"
 _RECLAIM_EVERY = 30.0
 _RECLAIM_FLUSHING = 1.0
 _TICK = 0.25
-_STATE_EVERY = 1.0
+_STATE_EVERY = 0.25
 _HAND_BACK = 5.0  # a pause longer than this gives unsent claims back to the queue
 _APPLY_RETRY = 0.5
 _ENDPOINT = "activities.add"
@@ -635,17 +635,14 @@ class DeliveryWorker:
         stats.flow = flow
         stats.pause_reason = flow.pause_reason
         stats.paused_until = None if flow.paused_for is None else time.time() + flow.paused_for
-        if not force and now - self._last_state < _STATE_EVERY:
-            return
-        key = (
-            flow.limit,
-            flow.rate,
-            flow.probing,
-            flow.pause_reason,
-            tuple(stats.failures.values()),
-        )
-        if not force and key == self._state_key and now - self._last_state < 30 * _STATE_EVERY:
-            return
+        key = (flow.limit, flow.rate, flow.probing, flow.pause_reason, stats.attempts)
+        previous = self._state_key
+        changed_mode = previous is None or key[2:4] != previous[2:4]  # probing, pause: now
+        if not force and not changed_mode:
+            if now - self._last_state < _STATE_EVERY:
+                return
+            if key == previous and now - self._last_state < 30 * _STATE_EVERY:
+                return
         self._last_state = now
         self._state_key = key
         state = {
@@ -660,7 +657,12 @@ class DeliveryWorker:
             "success_ratio": flow.success_ratio,
             "failures": dict(stats.failures),
             "delivered": stats.delivered,
+            "coalesced": stats.coalesced,
+            "retried": stats.retried,
+            "dead_lettered": stats.dead_lettered,
+            "late_deliveries": stats.late_deliveries,
             "attempts": stats.attempts,
+            "last_error": stats.last_error,
         }
         try:
             self.queue.set_delivery_state(state)

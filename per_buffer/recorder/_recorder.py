@@ -17,7 +17,6 @@ directory, ``recorded == coalesced + delivered + dead_lettered + pending + in_fl
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
 import sys
@@ -27,28 +26,21 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import CodeType, FrameType, MappingProxyType, TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
-from .coalesce import Coalescer
-from .config import RecorderConfig
-from .delivery import DeliverySettings, DeliveryWorker
-from .errors import ConfigurationError, QueueError
-from .health import Health, health
-from .models import MAX_ID_LENGTH, validate_id
-from .outcomes import FAILURE_CLASSES
-from .queue import DurableQueue, PutResult, QueueStats
-from .stats import RecorderStats
+from ..coalesce import Coalescer
+from ..config import RecorderConfig
+from ..drainer import RECORDERS_LOCK, FileLock, interpreter
+from ..errors import ConfigurationError, QueueError
+from ..health import Health, health
+from ..models import MAX_ID_LENGTH, validate_id
+from ..queue import DurableQueue, PutResult, QueueStats
+from ..stats import RecorderStats
+from ._modes import DeliveryMode, DrainerDelivery, ExternalDelivery, Figures, ThreadDelivery
+from ._reentry import LOCK_HOLDERS, reentrant
 
-__all__ = [
-    "Recorder",
-    "RecorderStats",
-    "configure",
-    "flush",
-    "get_recorder",
-    "record",
-    "shutdown",
-]
+__all__ = ["Recorder", "registry"]
 
 logger = logging.getLogger("per_buffer.recorder")
 
@@ -64,7 +56,8 @@ _FEEDBACK_CHUNK = 256  # keys per hold of the hot path's lock when a batch is co
 _CLOSE_SLACK = 0.3  # seconds of close()'s budget kept for stopping threads and the books
 
 
-_registry: weakref.WeakSet[Recorder] = weakref.WeakSet()
+#: Every open recorder of this process (for the fork hooks and the exit handler).
+registry: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _fork_reset_lock = threading.Lock()  # one reset per recorder when several threads notice
 
 
@@ -129,12 +122,13 @@ class Recorder:
         self._lag_max = 0.0
         self._queue_stats: QueueStats | None = None  # the last read, for signal handlers
         self._queue_closed = False
+        self._attached: FileLock | None = None  # recorders.lock, held shared while open
         self._reset_process_state()
         if self._enabled:
             self._open_queue(initial=True)
             if self._backlog():
                 self._ensure_threads()
-        _registry.add(self)
+        registry.add(self)
 
     # ------------------------------------------------------------------ setup
 
@@ -152,12 +146,13 @@ class Recorder:
         self._committing = 0  # activities the committer took and has not stored yet
         self._abandoned = False  # close() gave up on the committer's batch and counted it
         self._commit_pending = False
+        self._urgent = False  # a flush or close waits: commit without waiting for neighbours
         self._buffer_since = 0.0  # monotonic time of the oldest activity in _buffer
         self._commit_wake = threading.Event()
         self._disk_progress = threading.Condition()  # notified after every commit
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
-        self._worker: DeliveryWorker | None = None
+        self._delivery: DeliveryMode | None = None  # chosen when the queue opens
         self._held_delay = _HELD_RETRY_MIN
         self._pid = os.getpid()
 
@@ -186,7 +181,39 @@ class Recorder:
         self._generation = stats.generation
         self._feed_seq = stats.failure_seq
         self._quarantined_at_open = stats.quarantined_entries
+        self._attach()
+        self._delivery = self._choose_delivery(queue)
         return True
+
+    def _attach(self) -> None:
+        """Hold ``recorders.lock`` shared while open: a drainer sees someone records here."""
+        lock = FileLock(self._config.directory / RECORDERS_LOCK)
+        for _ in range(100):  # a drainer holds it exclusively for microseconds at a time
+            try:
+                if lock.try_shared():
+                    self._attached = lock
+                    return
+            except OSError:
+                return
+            time.sleep(0.001)
+        lock.close()
+
+    def _choose_delivery(self, queue: DurableQueue) -> DeliveryMode:
+        mode = self._config.delivery
+        if self._config.clock is not time.time or self._config.on_error is not None:
+            mode = "thread"  # a test's clock or an on_error callback stays in this process
+        if mode == "external":
+            return ExternalDelivery(queue, self._config, None)
+        if mode == "process":
+            python = interpreter()
+            if python is not None:
+                return DrainerDelivery(queue, self._config, python)
+            logger.info(
+                "per_buffer: no Python interpreter to start a drainer with (%s); delivering "
+                "from a thread of this process instead",
+                os.path.basename(sys.executable) or "embedded",
+            )
+        return ThreadDelivery(queue, self._config, self)
 
     def _backlog(self) -> bool:
         stats = self._queue_stats
@@ -199,19 +226,17 @@ class Recorder:
                 self._start_threads()
 
     def _start_threads(self) -> None:
+        if self._delivery is None and self._queue is not None:  # a forked child's first use
+            self._delivery = self._choose_delivery(self._queue)
         if self._committer is None:
             committer = threading.Thread(
                 target=self._commit_loop, name="per-buffer-commit", daemon=True
             )
             self._committer = committer
             committer.start()
-        config = self._config
-        if self._worker is None and self._queue is not None and config.token:
-            worker = DeliveryWorker(
-                self._queue, DeliverySettings.from_config(config), feedback=self
-            )
-            self._worker = worker
-            worker.start()
+        delivery = self._delivery
+        if delivery is not None:
+            delivery.start()
 
     # ------------------------------------------------------------------ hot path
 
@@ -310,16 +335,19 @@ class Recorder:
             woken = self._commit_wake.wait(timeout)
             if stop.is_set():
                 break
-            if woken and self._commit_pending and not self._sync:
+            if woken and self._commit_pending and not self._sync and not self._urgent:
                 # let neighbours join the batch; the first waits at most interval / 2 here
                 stop.wait(interval / 2)
             with self._lock:
                 self._commit_pending = False
+                self._urgent = False
                 self._commit_wake.clear()
             try:
                 self._commit()
                 if not woken:
                     self._read_feedback()
+                if self._delivery is not None:
+                    self._delivery.check()
             except Exception:
                 logger.exception("per_buffer: commit failed unexpectedly")
         try:  # the last commit, for close()
@@ -363,12 +391,8 @@ class Recorder:
             self._commit_lock.release()
             with self._disk_progress:
                 self._disk_progress.notify_all()
-        worker = self._worker
-        if stored:
-            if worker is not None:
-                worker.wake()
-            elif self._config.token and not self._closed:
-                self._ensure_threads()
+        if stored and self._delivery is not None:
+            self._delivery.wake()
         return stored
 
     def _store(self, batch: list[tuple[_Key, float]]) -> bool:
@@ -563,7 +587,7 @@ class Recorder:
         never blocks past it, even if Per hangs. Activities other processes put in a
         shared directory are not waited for.
         """
-        if _reentrant():  # called from a signal handler that interrupted this library
+        if reentrant():  # called from a signal handler that interrupted this library
             return False
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if not self._enabled:
@@ -587,7 +611,7 @@ class Recorder:
         use it to hand a backlog left by another process (or a crash) to Per. On a
         directory that busy neighbours keep filling it may never return True.
         """
-        if _reentrant():
+        if reentrant():
             return False
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if not self._enabled:
@@ -600,25 +624,10 @@ class Recorder:
         return self._deliver(deadline, lambda: queue.counts() == (0, 0))
 
     def _deliver(self, deadline: float | None, done: Callable[[], bool]) -> bool:
-        """Flush mode until ``done()`` says so, or the deadline; the worker does the sending."""
+        """Flush mode until ``done()`` says so, or the deadline (delivery does the sending)."""
         self._ensure_threads()
-        worker = self._worker
-        if worker is None:
-            return False
-        worker.begin_flush()
-        try:
-            while True:
-                try:
-                    if done():
-                        return True
-                except QueueError:
-                    pass
-                left = _remaining(deadline)
-                if (left is not None and left <= 0) or not worker.running:
-                    return False
-                worker.wait_progress(0.05 if left is None else min(0.05, left))
-        finally:
-            worker.end_flush()
+        delivery = self._delivery
+        return delivery is not None and delivery.deliver(deadline, done)
 
     def _written(self, deadline: float | None) -> bool:
         """Wait until what is in memory is on disk (the committer writes it); False at the
@@ -631,7 +640,7 @@ class Recorder:
                 with self._lock:
                     if not (self._buffer or self._held or self._committing):
                         return True
-                    self._commit_pending = True
+                    self._commit_pending = self._urgent = True
                 self._commit_wake.set()
                 left = _remaining(deadline)
                 if left is not None and left <= 0:
@@ -642,17 +651,21 @@ class Recorder:
                 self._disk_progress.wait(0.05 if left is None else min(0.05, left))
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush for up to ``timeout`` seconds (default ``exit_timeout``), then stop.
+        """Write what is in memory to disk, deliver for up to ``timeout`` seconds (default
+        ``exit_timeout``) unless a drainer process goes on delivering, then stop.
 
+        With a drainer running (the ``process`` and ``external`` modes) close() only
+        writes the memory batch and returns, usually in milliseconds: the drainer
+        delivers after this process is gone. Otherwise it flushes up to ``timeout``.
         Returns within ``timeout`` + 0.5 s whatever the disk does. Whatever was not
-        delivered stays on disk; the next recorder opened on the same directory
-        delivers it. What could not reach the disk by then is counted in
+        delivered stays on disk; the next recorder or drainer on the directory delivers
+        it. What could not reach the disk by then is counted in
         ``stats().dropped["unwritten_at_close"]`` and logged at WARNING. Calls to
         ``record()`` afterwards are counted as dropped (reason ``closed``).
         """
         if timeout is None:
             timeout = self._config.exit_timeout
-        if _reentrant():  # a signal handler interrupted this library: close in a thread
+        if reentrant():  # a signal handler interrupted this library: close in a thread
             self._close_in_background(timeout)
             return
         closer = self._closer
@@ -664,20 +677,26 @@ class Recorder:
         if self._pid != os.getpid():
             self._after_fork_in_child()
         deadline = time.monotonic() + max(0.0, timeout)
-        if self._enabled and (self._worker is not None or self._buffer or self._held):
-            self.flush(max(0.0, timeout - _CLOSE_SLACK))
+        delivery = self._delivery
+        if self._enabled and delivery is not None:
+            if delivery.delivers_after_exit():
+                self._written(max(time.monotonic(), deadline - _CLOSE_SLACK))
+            elif self._last_id is not None or self._buffer or self._held:
+                self.flush(max(0.0, timeout - _CLOSE_SLACK))
         with self._lock:
             self._closed = True
         self._stop_committer(deadline)
-        worker = self._worker
-        stopped = worker is None or worker.stop(max(0.05, deadline - time.monotonic()))
+        stopped = delivery is None or delivery.stop(max(0.05, deadline - time.monotonic()))
+        if self._attached is not None and self._pid == os.getpid():
+            self._attached.close()
+            self._attached = None
         queue = self._queue
         committer = self._committer
         if queue is not None and stopped and (committer is None or not committer.is_alive()):
             self._log_left(self.stats())  # the last figures are kept for stats() after close
             self._queue_closed = True
             queue.close()
-        _registry.discard(self)
+        registry.discard(self)
 
     def _stop_committer(self, deadline: float) -> None:
         """The committer writes what is in memory and ends; what is not on disk is counted."""
@@ -803,7 +822,7 @@ class Recorder:
         Safe from a signal handler: when it interrupted this library it reports the
         last queue figures read instead of reading the disk.
         """
-        if _reentrant():
+        if reentrant():
             return self._snapshot(self._queue_stats, locked=False)
         if self._pid != os.getpid():
             self._after_fork_in_child()
@@ -823,8 +842,8 @@ class Recorder:
         else:
             mine = self._memory_figures()
         buffered, dropped, first, counts = mine
-        worker = self._worker
-        ws = worker.stats if worker is not None else None
+        delivery = self._delivery
+        ws = delivery.figures(qs) if delivery is not None else Figures()
         pending = in_flight = dead = size = 0
         oldest: float | None = None
         queue_dropped: Mapping[str, int] = {}
@@ -843,37 +862,34 @@ class Recorder:
             # queue_full is counted from put's result; a purge is a decision, not a loss
             if reason not in ("queue_full", "dead_letters_purged"):
                 dropped[f"queue:{reason}"] = count
-        last_error = ws.last_error if ws is not None and ws.last_error else self._last_error
         since = self._buffer_since
         lag = _monotonic() - since if self._buffer and since else 0.0
         return RecorderStats(
             recorded=counts[0],
-            coalesced=counts[1] + (ws.coalesced if ws else 0),
+            coalesced=counts[1] + ws.coalesced,
             enqueued=counts[2],
-            delivered=ws.delivered if ws else 0,
-            retried=ws.retried if ws else 0,
-            dead_lettered=ws.dead_lettered if ws else 0,
+            delivered=ws.delivered,
+            retried=ws.retried,
+            dead_lettered=ws.dead_lettered,
             dropped=MappingProxyType(dropped),
             pending=pending + buffered,
             in_flight=in_flight,
             oldest_pending_age=oldest,
-            paused_until=ws.paused_until if ws else None,
-            pause_reason=ws.pause_reason if ws else None,
-            last_error=last_error,
+            paused_until=ws.paused_until,
+            pause_reason=ws.pause_reason,
+            last_error=ws.last_error or self._last_error,
             buffered=buffered,
-            late_deliveries=ws.late_deliveries if ws else 0,
+            late_deliveries=ws.late_deliveries,
             dead_letters=dead,
             bytes_on_disk=size,
             queue_errors=self._queue_errors,
-            failures=MappingProxyType(
-                dict(ws.failures) if ws else dict.fromkeys(FAILURE_CLASSES, 0)
-            ),
-            attempts=ws.attempts if ws else 0,
-            flow=ws.flow if ws else None,
+            failures=ws.failures,
+            attempts=ws.attempts,
+            flow=ws.flow,
             commit_lag=lag,
             commit_lag_max=max(self._lag_max, lag),
             quarantined_entries=quarantined,
-            delivery="thread",
+            delivery=delivery.name if delivery is not None else self._config.delivery,
         )
 
     def _memory_figures(
@@ -911,140 +927,7 @@ def _unusable(directory: Path, exc: BaseException) -> str:
     )
 
 
-# ---------------------------------------------------------------------- signal safety
-
-_LOCK_HOLDERS: set[CodeType] = set()
-# the queue's operations hold its lock; the delivery worker's thread cannot wait for itself
-_LOCKING_MODULES = ("per_buffer.queue", "per_buffer.delivery")
-
-
-def _reentrant() -> bool:
-    """True when the caller runs inside a frame of this library that may hold its locks.
-
-    A signal handler runs on the main thread between two bytecodes of whatever it
-    interrupted; if that was ``record()`` (holding the recorder's lock) or a queue
-    operation, waiting for those locks from the handler would wait forever.
-    """
-    frame: FrameType | None = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in _LOCK_HOLDERS or frame.f_globals.get("__name__", "").startswith(
-            _LOCKING_MODULES
-        ):
-            return True
-        frame = frame.f_back
-    return False
-
-
-# ---------------------------------------------------------------------- process hooks
-
-
-def _before_fork() -> None:
-    for recorder in list(_registry):
-        recorder._before_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for recorder in list(_registry):
-        recorder._after_fork_in_parent()
-
-
-def _after_fork_in_child() -> None:
-    for recorder in list(_registry):
-        recorder._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
-
-
-def _close_all_at_exit() -> None:
-    for recorder in list(_registry):
-        try:
-            stats = recorder.stats()
-            if stats.pending or stats.in_flight:
-                logger.info(
-                    "per_buffer: delivering %d pending activities before exit (up to %.1f s)",
-                    stats.pending + stats.in_flight,
-                    recorder.config.exit_timeout,
-                )
-            recorder.close(recorder.config.exit_timeout)
-        except Exception:
-            logger.exception("per_buffer: closing a recorder at exit failed")
-
-
-atexit.register(_close_all_at_exit)
-
-
-# ---------------------------------------------------------------------- module-level API
-
-_default: Recorder | None = None
-_default_lock = threading.Lock()
-
-
-def configure(**options: Any) -> Recorder:
-    """Create the default recorder used by :func:`record` (closing any previous one).
-
-    Takes the same keyword arguments as :class:`Recorder`.
-    """
-    global _default
-    recorder = Recorder(**options)
-    with _default_lock:
-        previous, _default = _default, recorder
-    if previous is not None:
-        previous.close()
-    return recorder
-
-
-def get_recorder() -> Recorder:
-    """The default recorder, built from the environment on first use."""
-    global _default
-    recorder = _default
-    if recorder is not None:
-        return recorder
-    with _default_lock:
-        if _default is None:
-            _default = Recorder()
-        return _default
-
-
-def record(billing_id: str, user_id: str, activity_type_id: str | None = None) -> None:
-    """Record an activity with the default recorder (see :meth:`Recorder.record`)."""
-    recorder = _default
-    if recorder is None:
-        recorder = get_recorder()
-    recorder.record(billing_id, user_id, activity_type_id)
-
-
-def flush(timeout: float | None = None) -> bool:
-    """Flush the default recorder; True when everything was delivered (or nothing to do)."""
-    recorder = _default
-    return True if recorder is None else recorder.flush(timeout)
-
-
-def shutdown(timeout: float | None = None) -> None:
-    """Close the default recorder (flushing up to ``timeout``) and forget it.
-
-    Safe from a signal handler (the usual SIGTERM pattern): when the handler
-    interrupted this library, the close runs in a background thread and the exit
-    handler waits for it.
-    """
-    global _default
-    if _reentrant():
-        recorder = _default
-        if recorder is not None:
-            recorder.close(timeout)
-        return
-    with _default_lock:
-        recorder, _default = _default, None
-    if recorder is not None:
-        recorder.close(timeout)
-
-
-_LOCK_HOLDERS.update(
+LOCK_HOLDERS.update(
     function.__code__
     for function in (
         Recorder.record,
@@ -1058,7 +941,5 @@ _LOCK_HOLDERS.update(
         Recorder._snapshot,
         Recorder._ensure_threads,
         Recorder._after_fork_in_child,
-        get_recorder,
-        configure,
     )
 )

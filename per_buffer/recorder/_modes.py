@@ -1,0 +1,305 @@
+"""Who delivers what a recorder commits: a thread of this process, or a drainer process.
+
+* ``thread``: a :class:`~per_buffer.delivery.DeliveryWorker` in a daemon thread of the
+  recording process (version 0.1's only mode).
+* ``process``: the directory's drainer, a separate process started on demand (spawned,
+  never forked) and replaced if it dies; recording processes only record and commit.
+* ``external``: the same drainer, run by the operator (``per-buffer drain --follow``
+  as a sidecar or a systemd unit); recorders never start one.
+
+Each mode gives the recorder the same few operations and the figures for its stats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ..config import RecorderConfig
+from ..delivery import DeliverySettings, DeliveryWorker, Feedback
+from ..drainer import FLUSH_REQUEST, DrainerOptions, drainer_running, spawn
+from ..errors import QueueError
+from ..flow import FlowState
+from ..outcomes import FAILURE_CLASSES
+from ..queue import DurableQueue, QueueStats
+
+__all__ = ["DeliveryMode", "DrainerDelivery", "ExternalDelivery", "Figures", "ThreadDelivery"]
+
+logger = logging.getLogger("per_buffer.recorder")
+
+_CHECK_EVERY = 1.0  # seconds between looks for a live drainer
+_FLUSH_TOUCH = 0.5  # seconds between flush requests while a flush waits
+_WAIT_STEP = 0.02
+
+
+def _no_failures() -> Mapping[str, int]:
+    return MappingProxyType(dict.fromkeys(FAILURE_CLASSES, 0))
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Delivery's part of a recorder's stats."""
+
+    delivered: int = 0
+    coalesced: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    late_deliveries: int = 0
+    attempts: int = 0
+    failures: Mapping[str, int] = field(default_factory=_no_failures)
+    flow: FlowState | None = None
+    paused_until: float | None = None
+    pause_reason: str | None = None
+    last_error: str | None = None
+
+
+class DeliveryMode:
+    """The operations a recorder needs from whoever delivers (a base: delivers nothing)."""
+
+    name = "thread"
+
+    def start(self) -> None:
+        """Begin delivering (idempotent; never blocks the caller)."""
+
+    def wake(self) -> None:
+        """A batch was committed."""
+
+    def check(self) -> None:
+        """Called about once a second by the committer: keep delivery alive."""
+
+    def deliver(self, deadline: float | None, done: Callable[[], bool]) -> bool:
+        """Deliver with priority (flush mode) until ``done()`` or the deadline."""
+        return False
+
+    def delivers_after_exit(self) -> bool:
+        """True when delivery goes on after this process closes (a live drainer)."""
+        return False
+
+    def stop(self, timeout: float) -> bool:
+        """Stop this process's part of delivery; True when it stopped in time."""
+        return True
+
+    def figures(self, stats: QueueStats | None) -> Figures:
+        """Delivery's counters for the recorder's stats."""
+        return Figures()
+
+
+class ThreadDelivery(DeliveryMode):
+    """A delivery worker in a daemon thread of this process."""
+
+    name = "thread"
+
+    def __init__(self, queue: DurableQueue, config: RecorderConfig, feedback: Feedback) -> None:
+        self._queue = queue
+        self._config = config
+        self._feedback = feedback
+        self._lock = threading.Lock()
+        self.worker: DeliveryWorker | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self.worker is None and self._config.token:
+                worker = DeliveryWorker(
+                    self._queue, DeliverySettings.from_config(self._config), feedback=self._feedback
+                )
+                self.worker = worker
+                worker.start()
+
+    def wake(self) -> None:
+        worker = self.worker
+        if worker is not None:
+            worker.wake()
+
+    def deliver(self, deadline: float | None, done: Callable[[], bool]) -> bool:
+        self.start()
+        worker = self.worker
+        if worker is None:
+            return False
+        worker.begin_flush()
+        try:
+            while True:
+                try:
+                    if done():
+                        return True
+                except QueueError:
+                    pass
+                left = None if deadline is None else deadline - time.monotonic()
+                if (left is not None and left <= 0) or not worker.running:
+                    return False
+                worker.wait_progress(0.05 if left is None else min(0.05, left))
+        finally:
+            worker.end_flush()
+
+    def stop(self, timeout: float) -> bool:
+        worker = self.worker
+        return worker is None or worker.stop(timeout)
+
+    def figures(self, stats: QueueStats | None) -> Figures:
+        worker = self.worker
+        if worker is None:
+            return Figures()
+        s = worker.stats
+        return Figures(
+            delivered=s.delivered,
+            coalesced=s.coalesced,
+            retried=s.retried,
+            dead_lettered=s.dead_lettered,
+            late_deliveries=s.late_deliveries,
+            attempts=s.attempts,
+            failures=MappingProxyType(dict(s.failures)),
+            flow=s.flow,
+            paused_until=s.paused_until,
+            pause_reason=s.pause_reason,
+            last_error=s.last_error,
+        )
+
+
+class DrainerDelivery(DeliveryMode):
+    """The directory's drainer process delivers; this process starts one when none runs."""
+
+    name = "process"
+    spawns = True
+
+    def __init__(self, queue: DurableQueue, config: RecorderConfig, python: str | None) -> None:
+        self._queue = queue
+        self._config = config
+        self._python = python
+        self._directory = Path(config.directory)
+        self._last_check = -_CHECK_EVERY
+        self._spawning: threading.Thread | None = None
+        self._warned = False
+        stats = queue.stats()
+        self._base = (stats.delivered, stats.coalesced, stats.dead_lettered_total)
+
+    def _options(self) -> DrainerOptions:
+        config = self._config
+        return DrainerOptions(
+            directory=self._directory,
+            settings=DeliverySettings.from_config(config),
+            max_queue_items=config.max_queue_items,
+            max_queue_bytes=config.max_queue_bytes,
+            full_policy=config.full_policy,
+            lease_seconds=config.lease_seconds,
+            nice=config.drainer_nice,
+        )
+
+    def start(self) -> None:
+        if not self.spawns or self._python is None or not self._config.token:
+            return
+        spawning = self._spawning
+        if spawning is not None and spawning.is_alive():
+            return
+        if drainer_running(self._directory):
+            return
+        python = self._python
+        options = self._options()
+        thread = threading.Thread(
+            target=spawn, args=(options, python), name="per-buffer-spawn", daemon=True
+        )
+        self._spawning = thread
+        thread.start()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < _CHECK_EVERY:
+            return
+        self._last_check = now
+        if self.spawns:
+            self.start()
+        elif not self._warned and not drainer_running(self._directory):
+            self._warned = True
+            logger.warning(
+                "per_buffer: delivery is external but no drainer runs for %s; start "
+                "`per-buffer drain --follow --dir %s` (activities wait on disk meanwhile)",
+                self._directory,
+                self._directory,
+            )
+
+    def deliver(self, deadline: float | None, done: Callable[[], bool]) -> bool:
+        self.start()
+        request = self._directory / FLUSH_REQUEST
+        touched = -_FLUSH_TOUCH
+        while True:
+            try:
+                if done():
+                    return True
+            except QueueError:
+                pass
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if now - touched >= _FLUSH_TOUCH:
+                touched = now
+                _touch(request)
+                self.check()
+            time.sleep(_WAIT_STEP if deadline is None else min(_WAIT_STEP, deadline - now))
+
+    def delivers_after_exit(self) -> bool:
+        spawning = self._spawning
+        if spawning is not None and spawning.is_alive():
+            spawning.join(1.0)
+        return drainer_running(self._directory)
+
+    def figures(self, stats: QueueStats | None) -> Figures:
+        if stats is None:
+            return Figures()
+        delivered, coalesced, dead = self._base
+        state: Mapping[str, Any] = stats.delivery_state or {}
+        failures = state.get("failures")
+        paused_until = state.get("paused_until")
+        if not isinstance(paused_until, int | float) or paused_until <= time.time():
+            paused_until = None
+        reason = state.get("pause_reason")
+        return Figures(
+            delivered=(stats.delivered - delivered) - (stats.coalesced - coalesced),
+            coalesced=stats.coalesced - coalesced,
+            dead_lettered=stats.dead_lettered_total - dead,
+            retried=int(state.get("retried") or 0),
+            late_deliveries=int(state.get("late_deliveries") or 0),
+            last_error=state.get("last_error"),
+            attempts=int(state.get("attempts") or 0),
+            failures=MappingProxyType(
+                {**dict.fromkeys(FAILURE_CLASSES, 0), **failures}
+                if isinstance(failures, dict)
+                else dict.fromkeys(FAILURE_CLASSES, 0)
+            ),
+            flow=_flow(state),
+            paused_until=paused_until,
+            pause_reason=reason if paused_until or reason == "auth" else None,
+        )
+
+
+class ExternalDelivery(DrainerDelivery):
+    """An operator runs the drainer (``per-buffer drain --follow``); never start one."""
+
+    name = "external"
+    spawns = False
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.write_text(f"{os.getpid()} {time.time():.3f}\n")
+
+
+def _flow(state: Mapping[str, Any]) -> FlowState | None:
+    try:
+        return FlowState(
+            limit=int(state["limit"]),
+            max_concurrency=int(state["max_concurrency"]),
+            rate=state.get("rate"),
+            success_ratio=state.get("success_ratio"),
+            probing=bool(state.get("probing")),
+            paused_for=None,
+            pause_reason=state.get("pause_reason"),
+            throttle=0.0,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
