@@ -22,13 +22,22 @@ SCENARIOS: tuple[str, ...] = (
     "delivery",
     "backlog",
     "outage",
+    "degraded",
     "coalescing",
     "startup",
 )
 
 #: Order in which the runner executes them: the backlog's long drain goes last so that it
 #: can use whatever remains of the mode's time budget (see ``remaining_budget``).
-RUN_ORDER: tuple[str, ...] = ("hot_path", "delivery", "outage", "coalescing", "startup", "backlog")
+RUN_ORDER: tuple[str, ...] = (
+    "hot_path",
+    "delivery",
+    "outage",
+    "degraded",
+    "coalescing",
+    "startup",
+    "backlog",
+)
 DEADLINE_ENV = "PER_BENCH_DEADLINE"
 
 ACTIVITY_TYPE = "api_call"
