@@ -39,6 +39,7 @@ from .outcomes import (
     Verdict,
     judge,
     parse_retry_after,
+    redact,
 )
 
 __all__ = [
@@ -166,11 +167,20 @@ def error_for(verdict: Verdict, endpoint: str) -> PerError:
 
 
 def interpret_response(
-    endpoint: str, status: int, headers: Mapping[str, str], content: bytes
+    endpoint: str,
+    status: int,
+    headers: Mapping[str, str],
+    content: bytes,
+    secrets: tuple[str, ...] = (),
 ) -> Any:
-    """Turn one HTTP answer into Per's ``result`` or raise the matching :class:`PerError`."""
+    """Turn one HTTP answer into Per's ``result`` or raise the matching :class:`PerError`.
+
+    ``secrets`` (the tokens) are masked wherever a server echoed them back.
+    """
     verdict = judge(status, content, headers.get)
     if verdict.kind != OK:
+        for secret in secrets:
+            verdict = redact(verdict, secret)
         raise error_for(verdict, endpoint)
     payload = verdict.payload
     if payload is None:
@@ -273,6 +283,10 @@ class _ClientConfig:
             None if reporting_token is None else check_token(reporting_token, "reporting_token")
         )
 
+    def secrets(self) -> tuple[str, ...]:
+        """The tokens, to mask if a server echoes them."""
+        return tuple(t for t in (self._activity_token, self._reporting_token) if t)
+
     def auth(self, reporting: bool) -> dict[str, str]:
         token = self._reporting_token if reporting else self._activity_token
         if token is None:
@@ -372,7 +386,11 @@ class PerClient(_ClientBase):
         except httpx.HTTPError as exc:
             raise transport_error(endpoint, self._config.base_url, exc) from exc
         return interpret_response(
-            endpoint, response.status_code, response.headers, response.content
+            endpoint,
+            response.status_code,
+            response.headers,
+            response.content,
+            self._config.secrets(),
         )
 
     def close(self) -> None:
@@ -435,7 +453,11 @@ class AsyncPerClient(_ClientBase):
         except httpx.HTTPError as exc:
             raise transport_error(endpoint, self._config.base_url, exc) from exc
         return interpret_response(
-            endpoint, response.status_code, response.headers, response.content
+            endpoint,
+            response.status_code,
+            response.headers,
+            response.content,
+            self._config.secrets(),
         )
 
     async def aclose(self) -> None:

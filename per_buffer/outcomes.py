@@ -40,7 +40,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "judge",
     "judge_fault",
     "parse_retry_after",
+    "redact",
 ]
 
 OK: Final = "ok"
@@ -141,6 +142,28 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return seconds
 
 
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
+def redact(verdict: Verdict, secret: str) -> Verdict:
+    """The verdict with ``secret`` (the token, echoed by a server) masked in its texts."""
+    if not secret or (secret not in verdict.detail and secret not in (verdict.message or "")):
+        return verdict
+    return replace(
+        verdict,
+        detail=verdict.detail.replace(secret, "<token>"),
+        message=None if verdict.message is None else verdict.message.replace(secret, "<token>"),
+        payload=None,
+    )
+
+
 def _per_json(body: bytes) -> dict[str, Any] | None:
     """Per's JSON object (a dict with a boolean ``ok``), or None for anything else."""
     if not body or len(body) > 1 << 20:
@@ -181,7 +204,9 @@ def judge(
     if status == 200 and body.startswith(_FAST_OK) and body.endswith(b"}"):
         return _OK_VERDICT
     if status == 429:
-        retry_after = parse_retry_after(header("retry-after"), now)
+        # an HTTP date means the server's clock: measure it against the response's Date
+        server_now = _http_date(header("date")) if now is None else None
+        retry_after = parse_retry_after(header("retry-after"), server_now or now)
         wait = "" if retry_after is None else f", Retry-After {retry_after:g} s"
         return Verdict(RATE_LIMITED, f"HTTP 429{wait}", status, retry_after=retry_after)
     if status in _TOO_LARGE:

@@ -17,6 +17,9 @@ logger = logging.getLogger("per_buffer.delivery")
 
 _LOG_EVERY = 60.0
 _RECOVERED = 20
+_SAMPLE = 20  # failures before the first report ...
+_SAMPLE_SECONDS = 5.0  # ... or seconds since the first of them
+_OUTAGE = 5  # failures in a row, without a success, that are reported at once
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class FailureLog:
     """At most one WARNING a minute while attempts fail, naming the failing class and ratio;
     one INFO when delivery works again (a run of successes after a WARNING)."""
 
-    __slots__ = ("_attempts", "_by_kind", "_failing", "_last", "_run")
+    __slots__ = ("_attempts", "_by_kind", "_failing", "_first_failure", "_last", "_run")
 
     def __init__(self) -> None:
         self._attempts = 0
@@ -96,6 +99,7 @@ class FailureLog:
         self._failing = False
         self._last = -_LOG_EVERY
         self._run = 0  # consecutive successes
+        self._first_failure: float | None = None  # of the failures not reported yet
 
     def outcome(self, verdict: Verdict) -> None:
         """Account for one attempt; log when the minute's budget allows."""
@@ -112,6 +116,13 @@ class FailureLog:
         now = time.monotonic()
         if now - self._last < _LOG_EVERY:
             return
+        if self._first_failure is None:
+            self._first_failure = now
+        failed = sum(self._by_kind.values())
+        total = failed >= _OUTAGE and failed == self._attempts  # everything fails: say so now
+        if not total and failed < _SAMPLE and now - self._first_failure < _SAMPLE_SECONDS:
+            return  # a fair ratio needs a few failures, or a few seconds of them
+        self._first_failure = None
         worst = max(self._by_kind, key=self._by_kind.__getitem__)
         ratio = self._by_kind[worst] / self._attempts
         others = sum(self._by_kind.values()) - self._by_kind[worst]

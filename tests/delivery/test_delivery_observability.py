@@ -89,12 +89,6 @@ def test_flow_state_during_a_total_outage(
     assert "network_error" in warning and "100% of" in warning
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the first WARNING is written at the first failed attempt, so its ratio is "
-    "over the few attempts before it ('server_error on 100% of 1 attempts' while 30 % fail), "
-    "and the next one comes a minute later",
-)
 def test_the_first_warning_states_the_failing_ratio_fairly(
     raw: RawPer, recorder: MakeRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -227,13 +221,6 @@ def test_no_failure_path_through_a_proxy_writes_the_token(
     assert_no_token(tmp_path / "q", rec, failures, debug_logs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (hardening): text from the server is kept verbatim: an ok:false message "
-    "that echoes the bearer token (a debugging proxy, a hostile or broken edge) is logged at "
-    "WARNING, kept in stats().last_error and stored in the dead letter's reason on disk; "
-    "the worker knows its token and could mask it in every detail",
-)
 def test_a_server_echoing_the_token_does_not_put_it_on_disk_or_in_logs(
     raw: RawPer, recorder: MakeRecorder, tmp_path: Path, debug_logs: pytest.LogCaptureFixture
 ) -> None:
