@@ -6,12 +6,13 @@ exponential backoff (``wait_random_exponential``: a uniform draw from
 ``[0, min(maximum, initial * 2 ** (n - 1))]``), with two rules on top:
 
 * **Failures the current failure ratio explains are free.** When Per answers
-  30 % of all requests with a 503, an activity failing three times in a row is
-  bad luck (a 2.7 % chance), not evidence against it; it keeps the shortest
-  delay. Failures beyond the run that has at least a 1 % chance under the
-  current ratio grow the delay exponentially, so an activity that always fails
-  (a WAF rule against one user ID, say) fades to one attempt per ``maximum``
-  while the others flow. With a healthy Per (ratio 0) every failure counts.
+  30 % of all requests with a 503, an activity failing seven times in a row is
+  bad luck (a 0.02 % chance, so a few in a backlog of thousands), not evidence
+  against it: it is retried within a fifth of ``initial``. Failures beyond the
+  run that has at least a 0.01 % chance under the current ratio grow the delay
+  exponentially, so an activity that always fails (a WAF rule against one user
+  ID, say) fades to one attempt per ``maximum`` while the others flow. With a
+  healthy Per (ratio 0) every failure counts.
 * **A server's ``Retry-After`` is honoured exactly, never lengthened**, and
   capped at ``maximum``: a misconfigured ``Retry-After: 86400`` cannot stop
   delivery for a day.
@@ -27,7 +28,8 @@ import tenacity
 
 __all__ = ["Backoff"]
 
-_RARE = 0.01  # a run of failures less likely than this under the current ratio is evidence
+_RARE = 1e-4  # a run of failures less likely than this under the current ratio is evidence
+_FREE_SCALE = 0.2  # a failure the ratio explains waits at most this share of ``initial``
 _MAX_FREE = 10
 
 
@@ -78,7 +80,9 @@ class Backoff:
             failures: failed attempts of this activity so far, the last one included.
             failure_ratio: the share of recent attempts (of all activities) that failed.
         """
-        counted = max(1, failures - self.free_failures(failure_ratio))
+        counted = failures - self.free_failures(failure_ratio)
+        if counted <= 0:  # bad luck under a known failure ratio: try again soon
+            return self._rng() * self.initial * _FREE_SCALE
         return self._rng() * self.ceiling(counted)
 
     def pause(self, events: int) -> float:

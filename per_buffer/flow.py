@@ -25,16 +25,19 @@ It combines four published models:
 4. **A learned rate limit** (a token bucket, as GCRA/Stripe limiters enforce
    them): a 429 pauses everything for exactly its ``Retry-After`` (capped by the
    backoff policy, never lengthened) and cuts the send rate once per event
-   (429s of requests sent before the cut belong to it). The cut: with no rate
-   yet, half of what was sent (or of what got through, if less) since sending
-   began, or 0.9 x what got through when a second or more of history exists;
-   with a rate that was refused within a second of resuming, half of it; with
-   a rate kept longer, 0.9 x it (or 0.9 x what got through, if that was far
-   less). The rate then grows 20 %/s up to 90 % of the refused rate, 0.5 % of
-   it per second up to it (a plateau, as in TCP CUBIC, so a steady limit is met
-   at about 95 % with one 429 every 20 s), and 10 %/s beyond it; it grows only
-   while the bucket is what holds sending back, and is forgotten at four times
-   the refused rate.
+   (429s of requests sent before the cut belong to it). A first 429 after fewer
+   than 8 answers only pauses, unless another follows within 10 s: one stray
+   429 is no limit to learn. The cut:
+   with no rate yet, 0.9 x what got through when a second or more of history
+   exists, else half of what was sent; with a rate
+   refused within a second of resuming, half of it or less, down to the share of
+   requests that got through since resuming (at most 16x less; the limit is then
+   expected near the new rate); with a rate kept longer, 0.9 x it (or 0.9 x what got through,
+   if that was far less). The rate then grows 20 %/s up to 90 % of the refused
+   rate, 0.5 % of it per second up to it (a plateau, as in TCP CUBIC, so a
+   steady limit is met at about 95 % with a 429 every 20 s or so), and 10 %/s
+   beyond it; it grows only while the bucket is what holds sending back, and is
+   forgotten at four times the refused rate.
 
 A refused token (``auth``) holds everything for ``auth_interval`` seconds, then
 probes one request at a time until Per accepts the token again.
@@ -69,6 +72,10 @@ _PLATEAU: Final = 0.9
 _SLOW_UP: Final = 0.005  # of the refused rate per second, near it
 _FEW_THROUGH: Final = 0.8  # fewer accepted than this share of sent: the limit is well below
 _MIN_SPAN: Final = 0.01
+_EVIDENCE: Final = 8  # answers since resuming before a first 429 can set a rate alone
+_LONE_WINDOW: Final = 10.0  # seconds in which a second early 429 sets a rate after all
+_NEAR: Final = 1.25  # after a quick refusal the limit is expected within this factor of the cut
+_DEEPEST: Final = 1 / 16  # the deepest single cut
 _BEYOND_UP: Final = 0.1  # per success, i.e. +10 %/s above the refused rate
 _FORGET: Final = 4.0
 _WHOLE: Final = 1.0 - 1e-9  # a token (float rounding must not leave a request waiting 1e-16 s)
@@ -156,6 +163,7 @@ class FlowController:
         self._bound = False  # admit() waited for a token since the rate last grew
         self._sent_since = 0  # requests started since sending last resumed
         self._accepted_since = 0  # and accepted
+        self._lone_429: float | None = None  # an early 429 that set no rate
         self._slots = [[-1, 0, 0] for _ in range(_RATE_SLOTS)]  # [slot number, sent, accepted]
         # last minute, for stats: [second, attempts, accepts]
         self._minute = [[-1, 0, 0] for _ in range(_MINUTE)]
@@ -345,15 +353,16 @@ class FlowController:
             return  # sent before the last cut: part of the same event
         self._events += 1
         self._cut_at = now
-        self.rate, self._ceiling = self._cut(now)
+        rate, self._ceiling = self._cut(now)
+        self.rate = rate
         self._tokens = 1.0
         self._stamp = end
         self._active_since = end
         self._sent_since = self._accepted_since = 0
         self._bound = False
 
-    def _cut(self, now: float) -> tuple[float, float]:
-        """The new rate and the refused rate it stays under, after a 429 event."""
+    def _cut(self, now: float) -> tuple[float | None, float]:
+        """The new rate (None: still none) and the rate it stays under, after a 429 event."""
         before = self.rate
         start = self._active_since if self._active_since is not None else now
         active = now - start
@@ -361,18 +370,26 @@ class FlowController:
         sent, accepted = self._recent_counts(now, span)
         got_through = accepted / span if span >= 1.0 and accepted else None
         if before is not None:
-            if span < 1.0:  # refused within a second of resuming: far too fast, halve it
-                return max(_MIN_RATE, 0.5 * before), before
+            if span < 1.0:  # refused within a second of resuming: far too fast: at least
+                # halve it, more when far fewer got through than were sent (a burst
+                # allowance only makes that share look better, so the cut stays safe)
+                share = min(0.5, _NEAR * self._accepted_since / max(1, self._sent_since))
+                new = max(_MIN_RATE, before * max(_DEEPEST, share))
+                return new, min(before, new * _NEAR)
             new = _CUT * before  # the rate we kept a while was refused: go just under it ...
             if got_through is not None and accepted < _FEW_THROUGH * sent:
                 new = min(new, _CUT * got_through)  # ... or under what got through, if far less
             return max(_MIN_RATE, new), before
+        answered = self._accepted_since + 1
+        lone = self._lone_429 is None or now - self._lone_429 > _LONE_WINDOW
+        if answered < _EVIDENCE and lone:
+            self._lone_429 = now  # one stray 429 is no limit to learn: just pause,
+            return None, self._ceiling  # unless another follows within _LONE_WINDOW
         if got_through is not None:  # no rate yet, but a second or more of history
             return max(_MIN_RATE, _CUT * got_through), got_through
-        # too little history (a burst allowance fools any estimate): half of what was sent,
-        # or of what got through if that was less
-        seconds = max(active, _MIN_SPAN)
-        send_rate = min(self._sent_since, max(1, self._accepted_since)) / seconds
+        # too little history (a burst allowance fools any estimate of what got through):
+        # half of what was sent
+        send_rate = self._sent_since / max(active, _MIN_SPAN)
         return max(_MIN_RATE, 0.5 * send_rate), max(_MIN_RATE, send_rate)
 
     def _grow_rate(self) -> None:

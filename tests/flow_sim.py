@@ -138,3 +138,16 @@ def simulate(
         else:
             backlog += 1  # retried later (the worker's retry space)
     return result
+
+
+class StrayRateLimit:
+    """A healthy server that answers the first ``count`` requests with 429 (Retry-After 1)."""
+
+    def __init__(self, count: int = 1) -> None:
+        self.left = count
+
+    def __call__(self, now: float) -> Answer:
+        if self.left > 0:
+            self.left -= 1
+            return RATE_LIMITED, 1.0
+        return OK, None

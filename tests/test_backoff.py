@@ -26,12 +26,13 @@ def test_healthy_per_counts_every_failure() -> None:
 
 def test_failures_the_ratio_explains_are_free() -> None:
     policy = top()
-    # at 30 % failures, 3 in a row has a 2.7 % chance: still the shortest delay
-    assert policy.free_failures(0.3) == 3
-    assert policy.retry_delay(3, 0.3) == pytest.approx(0.5, rel=1e-3)
-    assert policy.retry_delay(5, 0.3) == pytest.approx(1.0, rel=1e-3)
+    # at 30 % failures, 7 in a row has a 0.02 % chance: still a quick retry
+    assert policy.free_failures(0.3) == 7
+    assert policy.retry_delay(7, 0.3) == pytest.approx(0.1, rel=1e-3)
+    assert policy.retry_delay(8, 0.3) == pytest.approx(0.5, rel=1e-3)
+    assert policy.retry_delay(10, 0.3) == pytest.approx(2.0, rel=1e-3)
     # an activity that always fails still fades out
-    assert policy.retry_delay(30, 0.3) == pytest.approx(300.0, rel=1e-3)
+    assert policy.retry_delay(40, 0.3) == pytest.approx(300.0, rel=1e-3)
     assert policy.free_failures(1.0) == 10
 
 

@@ -17,7 +17,7 @@ from per_buffer.outcomes import (
     REFUSED_BY_PER,
     SERVER_ERROR,
 )
-from tests.flow_sim import TokenBucketServer, flaky, simulate
+from tests.flow_sim import StrayRateLimit, TokenBucketServer, flaky, simulate
 
 
 def controller(concurrency: int = 8, **kwargs: object) -> FlowController:
@@ -186,7 +186,8 @@ def test_goodput_under_random_503s_is_healthy_goodput_times_success_ratio(failur
 
 
 @pytest.mark.parametrize(
-    ("rate", "burst"), [(40.0, 40.0), (400.0, 400.0), (40.0, 1.0), (400.0, 5.0)]
+    ("rate", "burst"),
+    [(40.0, 40.0), (400.0, 400.0), (40.0, 1.0), (40.0, 10.0), (400.0, 5.0), (400.0, 40.0)],
 )
 def test_a_steady_rate_limit_is_met_at_close_to_its_rate(rate: float, burst: float) -> None:
     run = simulate(
@@ -208,3 +209,10 @@ def test_probe_mode_in_a_simulated_outage_then_quick_recovery() -> None:
     assert len(during) < 40  # a handful of probes, not a storm
     # the next probe (at most 5 s later) finds Per back, and the limit climbs back at once
     assert run.goodput(26.5, 30.0) >= 0.8 * run.goodput(0.0, 1.0)
+
+
+def test_one_stray_429_at_start_does_not_throttle_a_healthy_server() -> None:
+    healthy = simulate(flaky(0.0, random.Random(1)), items=2000, concurrency=16)
+    run = simulate(StrayRateLimit(1), items=2000, concurrency=16, horizon=30.0)
+    assert healthy.finished_at is not None and run.finished_at is not None
+    assert run.finished_at <= healthy.finished_at + 1.5  # the pause, and nothing more
