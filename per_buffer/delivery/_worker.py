@@ -49,6 +49,7 @@ from ..outcomes import (
     Verdict,
     judge,
     judge_fault,
+    redact,
 )
 from ..queue import Claim, DurableQueue, Entry
 from ._report import DeliveryFailure, DeliveryStats, FailureLog
@@ -66,6 +67,7 @@ _STATE_EVERY = 0.25
 _HAND_BACK = 5.0  # a pause longer than this gives unsent claims back to the queue
 _APPLY_RETRY = 0.5
 _ENDPOINT = "activities.add"
+_GROUP_PER_SECOND = 10  # releases due within the same tenth of a second share a transaction
 
 _Item = tuple[Claim, Entry]
 
@@ -426,6 +428,8 @@ class DeliveryWorker:
         else:
             assert isinstance(answer, WireError)
             verdict = judge_fault(answer.kind, str(answer))
+        if verdict.kind != OK:
+            verdict = redact(verdict, self.settings.token)  # a server may echo it
         now = time.monotonic()
         self._flow.finished(now, attempt.sent, verdict.kind, verdict.retry_after)
         self._failure_log.outcome(verdict)
@@ -488,7 +492,7 @@ class DeliveryWorker:
             ratio = None if refused else self._flow.failure_ratio()
             not_before = wall + self._backoff.retry_delay(entry.failures + 1, ratio)
             counted = True
-        group_key = (claim.lease_id, refused, counted, int(not_before))
+        group_key = (claim.lease_id, refused, counted, int(not_before * _GROUP_PER_SECOND))
         group = self._out.releases.get(group_key)
         if group is None:
             self._out.releases[group_key] = (claim, [entry.id], not_before, verdict.detail)
@@ -556,8 +560,10 @@ class DeliveryWorker:
             done = self._write(claim, ids, release)
             if done is None:
                 kept.releases[key] = (claim, ids, not_before, error)
-            elif counted or refused:
-                stats.retried += done
+            else:
+                self._maybe_empty = True  # they come back at their retry time: look again
+                if counted or refused:
+                    stats.retried += done
         for claim, ids, reason in out.dead:
             done = self._write(claim, ids, functools.partial(queue.dead_letter, claim, ids, reason))
             if done is None:
@@ -575,6 +581,8 @@ class DeliveryWorker:
             self._apply_after = time.monotonic() + _APPLY_RETRY
             self._schedule_apply()
         self._notify_progress()
+        if self._maybe_empty and not self._ready and not self._stopping:
+            self._pump()
 
     def _write(self, claim: Claim, ids: list[int], op: Callable[[], int]) -> int | None:
         """Run one queue write and settle its ids; None (keep them) on a storage fault."""
