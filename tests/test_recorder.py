@@ -286,9 +286,9 @@ def test_503_storm(server: PerServer, tmp_path: Path) -> None:
             rec.record("acme", f"u{i}")
         assert rec.flush(timeout=30)
         stats = rec.stats()
+        assert _eventually(lambda: rec.stats().retried > 0)  # a drainer reports within a tick
     assert delivered_users(server) == {f"u{i}" for i in range(150)}
     assert stats.dead_lettered == 0
-    assert _eventually(lambda: rec.stats().retried > 0)  # a drainer reports within a tick
 
 
 def test_429_retry_after_is_honoured(server: PerServer, tmp_path: Path) -> None:
@@ -393,10 +393,11 @@ def test_flush_returns_on_time_when_server_hangs(server: PerServer, tmp_path: Pa
     started = time.monotonic()
     rec.close(timeout=0.5)
     assert time.monotonic() - started < 3.0
-    server.clear_faults()
     with DurableQueue(tmp_path / "q") as queue:
         pending, in_flight = queue.counts()
-    assert pending + in_flight == 1  # given back to the queue, not lost
+    server.clear_faults()
+    # kept on disk (a drainer process may still hold its lease, and deliver it later)
+    assert pending + in_flight == 1
 
 
 def test_record_does_not_block_while_server_is_down(server: PerServer, tmp_path: Path) -> None:

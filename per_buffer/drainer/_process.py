@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -43,6 +44,8 @@ _IDLE_POLL = 0.05  # the drainer hears of no commit: it looks at the queue this 
 
 #: What :func:`run` returns when another drainer already holds the directory.
 BUSY = 75
+#: The drainer's log file in the queue directory.
+LOG_NAME = "drainer.log"
 
 
 @dataclass(frozen=True)
@@ -227,12 +230,12 @@ class _Watchdog:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m per_buffer.drainer``: options as one JSON line on standard input."""
+    """``python -m per_buffer.drainer``: options as one JSON line on standard input.
+
+    It logs (INFO and up, never a token) to ``drainer.log`` in the queue directory,
+    which rotates at 1 MiB; its standard output says ``ready <pid>`` (or ``busy``) once.
+    """
     del argv
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"per-buffer drainer[{os.getpid()}] %(levelname)s %(message)s",
-    )
     line = sys.stdin.readline()
     sys.stdin.close()
     try:
@@ -240,5 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, KeyError) as exc:
         print(f"per-buffer drainer: bad options on standard input ({type(exc).__name__})")
         return 2
+    _log_to(options.directory / LOG_NAME)
     code = run(options, ready=sys.stdout)
     return 0 if code == BUSY else code
+
+
+def _log_to(path: Path) -> None:
+    handler: logging.Handler
+    try:
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=1024 * 1024, backupCount=1, encoding="utf-8"
+        )
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s drainer[{os.getpid()}] %(levelname)s %(message)s")
+    )
+    package = logging.getLogger("per_buffer")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)

@@ -78,8 +78,10 @@ def _start(options: DrainerOptions, python: str) -> int | None:
         process = subprocess.Popen(
             [python, "-m", "per_buffer.drainer"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,  # the drainer's warnings go where this process's go
+            stdout=subprocess.PIPE,  # one line ("ready <pid>"), then closed
+            # never the parent's stderr: a caller capturing it (a shell's $(...), a test
+            # harness) would wait for the drainer to exit; it logs to drainer.log instead
+            stderr=subprocess.DEVNULL,
             close_fds=True,
             start_new_session=True,  # a Ctrl-C meant for the app does not stop delivery
             env=env,

@@ -53,7 +53,8 @@ _HELD_RETRY_MIN = 0.2
 _HELD_RETRY_MAX = 5.0
 _LOG_EVERY = 60.0
 _FEEDBACK_CHUNK = 256  # keys per hold of the hot path's lock when a batch is committed
-_CLOSE_SLACK = 0.3  # seconds of close()'s budget kept for stopping threads and the books
+_CLOSE_SLACK = 0.45  # seconds close() may take beyond its timeout, to stop threads
+_COMMIT_GRACE = 0.3  # seconds the committer gets for its last write after the deadline
 
 
 #: Every open recorder of this process (for the fork hooks and the exit handler).
@@ -149,6 +150,7 @@ class Recorder:
         self._urgent = False  # a flush or close waits: commit without waiting for neighbours
         self._buffer_since = 0.0  # monotonic time of the oldest activity in _buffer
         self._commit_wake = threading.Event()
+        self._hurry = threading.Event()  # ends the committer's wait for neighbours
         self._disk_progress = threading.Condition()  # notified after every commit
         self._stop = threading.Event()
         self._committer: threading.Thread | None = None
@@ -337,7 +339,9 @@ class Recorder:
                 break
             if woken and self._commit_pending and not self._sync and not self._urgent:
                 # let neighbours join the batch; the first waits at most interval / 2 here
-                stop.wait(interval / 2)
+                # (a flush, a close or a stop cuts it short)
+                self._hurry.wait(interval / 2)
+            self._hurry.clear()
             with self._lock:
                 self._commit_pending = False
                 self._urgent = False
@@ -641,6 +645,7 @@ class Recorder:
                     if not (self._buffer or self._held or self._committing):
                         return True
                     self._commit_pending = self._urgent = True
+                self._hurry.set()
                 self._commit_wake.set()
                 left = _remaining(deadline)
                 if left is not None and left <= 0:
@@ -677,16 +682,17 @@ class Recorder:
         if self._pid != os.getpid():
             self._after_fork_in_child()
         deadline = time.monotonic() + max(0.0, timeout)
+        hard = deadline + _CLOSE_SLACK  # stopping threads may take this much beyond timeout
         delivery = self._delivery
         if self._enabled and delivery is not None:
             if delivery.delivers_after_exit():
-                self._written(max(time.monotonic(), deadline - _CLOSE_SLACK))
+                self._written(deadline)
             elif self._last_id is not None or self._buffer or self._held:
-                self.flush(max(0.0, timeout - _CLOSE_SLACK))
+                self.flush(max(0.0, timeout))
         with self._lock:
             self._closed = True
-        self._stop_committer(deadline)
-        stopped = delivery is None or delivery.stop(max(0.05, deadline - time.monotonic()))
+        self._stop_committer(min(hard, max(deadline, time.monotonic()) + _COMMIT_GRACE))
+        stopped = delivery is None or delivery.stop(max(0.05, hard - time.monotonic()))
         if self._attached is not None and self._pid == os.getpid():
             self._attached.close()
             self._attached = None
@@ -701,6 +707,7 @@ class Recorder:
     def _stop_committer(self, deadline: float) -> None:
         """The committer writes what is in memory and ends; what is not on disk is counted."""
         self._stop.set()
+        self._hurry.set()
         self._commit_wake.set()
         committer = self._committer
         alive = False
