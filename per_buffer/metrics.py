@@ -37,7 +37,8 @@ class Metric:
     """One exported stats field.
 
     Attributes:
-        field: the :class:`~per_buffer.RecorderStats` attribute.
+        field: the :class:`~per_buffer.RecorderStats` attribute (``flow.limit``: an
+            attribute of one; None while the record is None, exported as 0).
         prometheus: the Prometheus name (``_total`` for a counter; unit suffix included).
         opentelemetry: the OpenTelemetry instrument name.
         kind: ``"counter"`` (monotonic for one recorder) or ``"gauge"``.
@@ -84,11 +85,22 @@ METRICS: tuple[Metric, ...] = (
     Metric("bytes_on_disk", "per_buffer_queue_bytes", "per_buffer.queue.size", "gauge", "By", "Size of the queue database."),  # noqa: E501
     Metric("pause_reason", "per_buffer_paused", "per_buffer.delivery.paused", "gauge", "1", "1 while delivery is paused for this reason (auth: token refused).", label="reason", states=("auth", "rate_limited")),  # noqa: E501
     Metric("paused_until", "per_buffer_paused_until_timestamp_seconds", "per_buffer.delivery.paused_until", "gauge", "s", "Unix time delivery resumes while paused (0 when not paused)."),  # noqa: E501
+    Metric("attempts", "per_buffer_delivery_attempts_total", "per_buffer.delivery.attempts", "counter", "{request}", "Delivery requests sent."),  # noqa: E501
+    Metric("failures", "per_buffer_delivery_failures_total", "per_buffer.delivery.failures", "counter", "{request}", "Failed delivery attempts, by error class.", label="class"),  # noqa: E501
+    Metric("flow.limit", "per_buffer_delivery_in_flight_limit", "per_buffer.delivery.in_flight_limit", "gauge", "{request}", "Requests the flow controller allows in flight now."),  # noqa: E501
+    Metric("flow.rate", "per_buffer_delivery_rate_limit", "per_buffer.delivery.rate_limit", "gauge", "{request}/s", "Learned requests/s after a 429 (0 when no limit is known)."),  # noqa: E501
+    Metric("flow.success_ratio", "per_buffer_delivery_success_ratio", "per_buffer.delivery.success_ratio", "gauge", "1", "Share of attempts Per answered over the last minute."),  # noqa: E501
+    Metric("flow.probing", "per_buffer_delivery_probing", "per_buffer.delivery.probing", "gauge", "1", "1 while Per fails (nearly) everything: one request at a time."),  # noqa: E501
+    Metric("commit_lag", "per_buffer_commit_lag_seconds", "per_buffer.commit.lag", "gauge", "s", "How long the oldest activity in memory has waited for the disk."),  # noqa: E501
+    Metric("commit_lag_max", "per_buffer_commit_lag_max_seconds", "per_buffer.commit.lag_max", "gauge", "s", "The longest wait for the disk seen so far."),  # noqa: E501
+    Metric("quarantined_entries", "per_buffer_activities_quarantined_total", "per_buffer.activities.quarantined", "counter", _ACT, "Entries of databases moved aside as unreadable (see per-buffer salvage)."),  # noqa: E501
+    Metric("delivery", "per_buffer_delivery_mode", "per_buffer.delivery.mode", "gauge", "1", "1 for who delivers: a drainer process, a thread, or an external drainer.", label="mode", states=("process", "thread", "external")),  # noqa: E501
 )
 # fmt: on
 
-#: RecorderStats fields deliberately left out of :data:`METRICS` (text, not numbers).
-NOT_EXPORTED: frozenset[str] = frozenset({"last_error"})
+#: RecorderStats fields deliberately left out of :data:`METRICS`: text, or a record
+#: whose parts are rows of their own (``flow.limit``, ...).
+NOT_EXPORTED: frozenset[str] = frozenset({"last_error", "flow"})
 
 
 @dataclass(frozen=True)
@@ -105,9 +117,11 @@ def points(stats: object, metric: Metric) -> list[Point] | None:
     Never raises: a field the stats lack, or a value of an unexpected type, is skipped
     (logged at DEBUG).
     """
-    value = getattr(stats, metric.field, _MISSING)
-    if value is _MISSING:
-        return None
+    value: object = stats
+    for part in metric.field.split("."):  # "flow.limit": a part of a record field
+        value = getattr(value, part, _MISSING) if value is not None else None
+        if value is _MISSING:
+            return None
     label = metric.label
     if label is not None and (value is None or isinstance(value, str)):
         states = dict.fromkeys(metric.states)

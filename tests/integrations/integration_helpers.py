@@ -79,6 +79,15 @@ def delivered(server: PerServer) -> set[Key]:
     return {(a.billing_id, a.user_id, a.activity_type_id) for a in server.activities}
 
 
+def delivered_soon(server: PerServer, expected: set[Key], timeout: float = 15.0) -> set[Key]:
+    """What Per accepted, once it holds ``expected`` or ``timeout`` passed: with a drainer
+    process (the default), delivery goes on after the recording process closed."""
+    deadline = time.monotonic() + timeout
+    while not delivered(server) >= expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return delivered(server)
+
+
 def on_disk(directory: Path) -> set[Key]:
     """What waits in a queue directory (leases of dead processes are reclaimed on open)."""
     found: set[Key] = set()

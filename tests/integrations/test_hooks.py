@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from integration_helpers import delivered, on_disk, require
+from integration_helpers import delivered_soon, on_disk, require
 
 from per_buffer import Recorder
 from per_buffer.integrations import celery as per_celery
@@ -18,13 +19,14 @@ from per_buffer.integrations.gunicorn import hooks
 from per_buffer.testing import PerServer
 
 
-def recorder(server: PerServer, directory: Path) -> Recorder:
+def recorder(server: PerServer, directory: Path, **options: Any) -> Recorder:
     return Recorder(
         server.activity_token,
         "login",
         directory=directory,
         base_url=server.url,
         commit_interval=30.0,
+        **options,
     )
 
 
@@ -36,7 +38,7 @@ def arbiter(graceful_timeout: float) -> SimpleNamespace:
 def test_the_worker_flush_ends_margin_seconds_before_graceful_timeout(
     server: PerServer, tmp_path: Path
 ) -> None:
-    rec = recorder(server, tmp_path / "q")
+    rec = recorder(server, tmp_path / "q", delivery="thread")  # this process delivers
     rec.record("acme-corp", "u1")
     server.outage()  # nothing can be delivered: the flush runs to its bound
     worker_exit, _ = hooks(margin=1.0, recorder=rec)
@@ -47,8 +49,23 @@ def test_the_worker_flush_ends_margin_seconds_before_graceful_timeout(
     assert on_disk(tmp_path / "q") == {("acme-corp", "u1", "login")}
 
 
+def test_with_a_drainer_the_worker_exit_only_writes_to_disk(
+    server: PerServer, tmp_path: Path
+) -> None:
+    rec = recorder(server, tmp_path / "q")  # the default: a drainer process delivers
+    rec.record("acme-corp", "warm")
+    assert rec.flush(timeout=20)
+    for i in range(500):
+        rec.record("acme-corp", f"u{i}")  # in memory (commit_interval 30 s)
+    worker_exit, _ = hooks(margin=1.0, recorder=rec)
+    started = time.monotonic()
+    worker_exit(arbiter(30.0), None)
+    assert time.monotonic() - started < 1.0  # not graceful_timeout - margin
+    assert server.wait_for_activities(501, timeout=20)  # the drainer delivers them
+
+
 def test_timeout_caps_the_flush_and_on_exit_closes_too(server: PerServer, tmp_path: Path) -> None:
-    rec = recorder(server, tmp_path / "q")
+    rec = recorder(server, tmp_path / "q", delivery="thread")
     rec.record("acme-corp", "u2")
     server.outage()
     _, on_exit = hooks(timeout=0.2, recorder=rec)
@@ -81,7 +98,9 @@ def test_celery_signals_close_the_recorder_once_connected(
     try:
         assert len(signals.worker_process_shutdown.receivers) == before + 1
         signals.worker_process_shutdown.send(sender=None, pid=1, exitcode=0)
-        assert delivered(server) == {("acme-corp", "c1", "login")}
+        assert delivered_soon(server, {("acme-corp", "c1", "login")}) == {
+            ("acme-corp", "c1", "login")
+        }
         rec.record("acme-corp", "c2")
         assert rec.stats().dropped == {"closed": 1}
         signals.worker_shutdown.send(sender=None)  # closing twice is harmless

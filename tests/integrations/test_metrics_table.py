@@ -84,8 +84,8 @@ def test_points_of_each_kind_of_value() -> None:
 
 def test_a_field_the_stats_lack_is_skipped_not_an_error() -> None:
     stats = RecorderStats(0, 0, 0, 0, 0, 0, {}, 0, 0, None, None, None, None)
-    future = Metric("commit_lag", "per_buffer_commit_lag_seconds", "per_buffer.commit.lag",
-                    "gauge", "s", "Seconds the oldest batch waits in memory.")  # fmt: skip
+    future = Metric("future_lag", "per_buffer_future_lag_seconds", "per_buffer.future.lag",
+                    "gauge", "s", "A field RecorderStats does not have.")  # fmt: skip
     assert points(stats, future) is None
     assert [m.field for m, _ in rows(stats, (*METRICS, future))] == [m.field for m in METRICS]
     # a value of an unexpected type (text where a number belongs) is skipped too

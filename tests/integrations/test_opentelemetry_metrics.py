@@ -20,7 +20,7 @@ from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 
 FUTURE = Metric(
-    "commit_lag", "per_buffer_commit_lag_seconds", "per_buffer.commit.lag", "gauge", "s", "Lag."
+    "future_lag", "per_buffer_future_lag_seconds", "per_buffer.future.lag", "gauge", "s", "Lag."
 )  # a stats field that does not exist (yet)
 
 
@@ -43,7 +43,7 @@ def test_opentelemetry_instruments_read_stats(busy: Recorder) -> None:
         busy.close()
         busy.record("acme-corp", "late")  # dropped: closed
         found = otel_metrics(reader)
-        assert "per_buffer.commit.lag" not in found  # a field the stats lack: no points
+        assert "per_buffer.future.lag" not in found  # a field the stats lack: no points
         for metric in METRICS:
             assert found[metric.opentelemetry].unit == metric.unit
             assert found[metric.opentelemetry].description == metric.help
