@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal as signal_module
 import sys
 import types
 from pathlib import Path
@@ -82,7 +83,14 @@ def test_readme_sample_runs(
         monkeypatch.setitem(sys.modules, "celery", celery)
         monkeypatch.setitem(sys.modules, "celery.signals", signals)
     namespace: dict[str, Any] = {"__name__": f"readme_sample_{index}"}
-    exec(compile(code, f"README.md sample {index}", "exec"), namespace)
+    previous = signal_module.getsignal(signal_module.SIGTERM)
+    try:
+        exec(compile(code, f"README.md sample {index}", "exec"), namespace)
+    finally:  # a sample may install a SIGTERM handler: not in the test runner
+        installed = signal_module.getsignal(signal_module.SIGTERM)
+        signal_module.signal(signal_module.SIGTERM, previous)
+    if "on_sigterm" in namespace:
+        assert installed is namespace["on_sigterm"]
     for name, value in namespace.items():
         if name.startswith("test_") and callable(value):
             value(tmp_path / name)
