@@ -72,8 +72,9 @@ def make(server: PerServer, directory: Path, **options: Any) -> Recorder:
 
 
 def test_the_default_is_a_drainer_process_spawned_with_no_token_in_sight(
-    server: PerServer, tmp_path: Path
+    server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)  # as an app would have it
     rec = make(server, tmp_path / "q")
     assert rec.config.delivery == "process"
     for i in range(300):

@@ -27,6 +27,7 @@ __all__ = ["drainer_running", "interpreter", "spawn"]
 logger = logging.getLogger("per_buffer.drainer")
 
 SPAWN_LOCK: Final = "spawn.lock"
+_TOKEN_VARIABLES: Final = frozenset({"PER_ACTIVITY_TOKEN", "PER_REPORTING_TOKEN"})
 _READY_WITHIN = 15.0  # seconds for a fresh interpreter to import and report
 
 
@@ -71,7 +72,8 @@ def spawn(options: DrainerOptions, python: str) -> int | None:
 
 
 def _start(options: DrainerOptions, python: str) -> int | None:
-    env = dict(os.environ)
+    # the token travels through the pipe only: not even the environment keeps a copy
+    env = {k: v for k, v in os.environ.items() if k not in _TOKEN_VARIABLES}
     here = str(Path(__file__).resolve().parents[2])  # the directory holding per_buffer
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (here, env.get("PYTHONPATH"))))
     try:
