@@ -145,6 +145,7 @@ class Recorder:
         self._buffer: list[tuple[_Key, float]] = []
         self._held: deque[tuple[_Key, float]] = deque()
         self._committing = 0  # activities the committer took and has not stored yet
+        self._committing_since = 0.0  # monotonic time the oldest of them was recorded
         self._abandoned = False  # close() gave up on the committer's batch and counted it
         self._commit_pending = False
         self._urgent = False  # a flush or close waits: commit without waiting for neighbours
@@ -386,6 +387,7 @@ class Recorder:
                     batch = [*self._held, *batch]
                     self._held.clear()
                 self._committing = len(batch)
+                self._committing_since = since if batch_from_memory else _monotonic()
             if batch_from_memory:
                 self._lag_max = max(self._lag_max, _monotonic() - since)
             if not batch:
@@ -869,8 +871,7 @@ class Recorder:
             # queue_full is counted from put's result; a purge is a decision, not a loss
             if reason not in ("queue_full", "dead_letters_purged"):
                 dropped[f"queue:{reason}"] = count
-        since = self._buffer_since
-        lag = _monotonic() - since if self._buffer and since else 0.0
+        lag = self._commit_lag()
         return RecorderStats(
             recorded=counts[0],
             coalesced=counts[1] + ws.coalesced,
@@ -898,6 +899,17 @@ class Recorder:
             quarantined_entries=quarantined,
             delivery=delivery.name if delivery is not None else self._config.delivery,
         )
+
+    def _commit_lag(self) -> float:
+        """Seconds the oldest activity not yet on disk has waited (0 when none waits)."""
+        now = _monotonic()
+        lag = now - self._buffer_since if self._buffer and self._buffer_since else 0.0
+        if self._committing and self._committing_since:
+            lag = max(lag, now - self._committing_since)
+        held = self._held
+        if held:
+            lag = max(lag, self._clock() - held[0][1])
+        return max(0.0, lag)
 
     def _memory_figures(
         self,
