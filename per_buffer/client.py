@@ -8,7 +8,6 @@ client; use it as a context manager or call ``close()`` / ``aclose()``.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -16,11 +15,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 
 from ._version import __version__
+from .config import DEFAULT_BASE_URL, check_token, env_names, resolve_base_url
 from .errors import (
     PerAPIError,
     PerAuthError,
@@ -54,14 +53,12 @@ __all__ = [
 
 logger = logging.getLogger("per_buffer.client")
 
-#: Where Per lives unless ``base_url`` or ``PER_BASE_URL`` says otherwise.
-DEFAULT_BASE_URL: Final = "https://api.useper.com"
 #: Sent with every request.
 USER_AGENT: Final = f"per-buffer/{__version__}"
 
-ACTIVITY_TOKEN_ENV: Final = "PER_ACTIVITY_TOKEN"
-REPORTING_TOKEN_ENV: Final = "PER_REPORTING_TOKEN"
-BASE_URL_ENV: Final = "PER_BASE_URL"
+ACTIVITY_TOKEN_ENV: Final = env_names("token")[0]
+REPORTING_TOKEN_ENV: Final = env_names("reporting_token")[0]
+BASE_URL_ENV: Final = env_names("base_url")[0]
 
 _HEADERS: Final = {"User-Agent": USER_AGENT, "Accept": "application/json"}
 _ADD_PATH: Final = "/activities.add"
@@ -69,59 +66,6 @@ _REPORT_PATH: Final = "/reports.get"
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def resolve_base_url(base_url: str | None) -> str:
-    """Return the validated base URL: the argument, else ``PER_BASE_URL``, else Per's own.
-
-    Only ``https`` is accepted, except ``http`` on a loopback host (127.0.0.0/8,
-    ``::1``, ``localhost``) for tests against a local server.
-
-    Raises:
-        ValueError: the URL is malformed, not https, or carries credentials, a query or a fragment.
-    """
-    if base_url is None:
-        base_url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-    if not isinstance(base_url, str):
-        raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
-    url = base_url.strip().rstrip("/")
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 (validates the port)
-    except ValueError:
-        raise ValueError(f"base_url is not a valid URL: {base_url!r}") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ValueError(f"base_url must look like https://host[:port], not {base_url!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("base_url must not carry credentials; pass the token separately")
-    if parts.query or parts.fragment:
-        raise ValueError(f"base_url must not have a query or fragment: {base_url!r}")
-    if parts.scheme == "http" and not _is_loopback(host):
-        raise ValueError(
-            f"base_url must use https (plain http is allowed only for loopback hosts): {base_url!r}"
-        )
-    return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_token(token: object, name: str = "token") -> str:
-    """Validate a token's form (non-empty str, no whitespace or control characters)."""
-    if not isinstance(token, str):
-        raise TypeError(f"{name} must be a str, not {type(token).__name__}")
-    if not token:
-        raise ValueError(f"{name} must not be empty")
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in token):
-        raise ValueError(f"{name} must not contain whitespace or control characters")
-    return token
 
 
 def _env_token(*names: str) -> str | None:

@@ -1,12 +1,16 @@
-"""Recorder configuration: keyword arguments, else environment variables, else defaults.
+"""Every setting, declared once: keyword arguments, else environment variables, else defaults.
 
-Every knob is described once in :data:`KNOBS`; the README's configuration table
-is checked against it by a test.
+:data:`KNOBS` declares each setting of :class:`RecorderConfig` (its name, environment
+variables, unit, validation and meaning; its default is the dataclass field's);
+:data:`CLIENT_KNOBS` the settings only the plain clients and the CLI read. The README's
+configuration table is generated from :data:`KNOBS` and checked by a test. The URL and
+token checks live here too, so this module imports nothing above the data models.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import sys
@@ -14,170 +18,330 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
-from .client import ACTIVITY_TOKEN_ENV, BASE_URL_ENV, check_token, resolve_base_url
 from .models import validate_id
 
-__all__ = ["KNOBS", "Knob", "RecorderConfig", "default_directory"]
+__all__ = [
+    "CLIENT_KNOBS",
+    "DEFAULT_BASE_URL",
+    "KNOBS",
+    "Knob",
+    "RecorderConfig",
+    "check_token",
+    "default_directory",
+    "env_names",
+    "resolve_base_url",
+]
 
 Durability = Literal["batched", "sync"]
 Delivery = Literal["process", "thread", "external"]
 FullPolicy = Literal["drop_newest", "drop_oldest"]
 
+#: Where Per lives unless ``base_url`` or ``PER_BASE_URL`` says otherwise.
+DEFAULT_BASE_URL: Final = "https://api.useper.com"
+
 
 @dataclass(frozen=True)
 class Knob:
-    """One configuration setting: its environment variable, default and meaning."""
+    """One setting: where it comes from, what it may be and what it means.
+
+    Attributes:
+        name: the keyword argument (and :class:`RecorderConfig` field).
+        env: environment variables, the first one set wins.
+        meaning: one sentence for the README's table.
+        unit: ``"seconds"``, ``"bytes"``, ``"count"`` or ``""`` (text, choices, flags).
+        kind: how a value is checked: ``"seconds"`` or ``"int"`` (a number within
+            ``low``/``high``), ``"choice"`` (one of ``choices``), ``"bool"``, ``"text"``.
+        low, high: bounds of a number; ``low`` may name another field (a lease outlives
+            a request). ``strict``: ``low`` itself is refused.
+        choices: the values a ``"choice"`` accepts.
+        shown: the default as the README shows it, when the field's default says nothing
+            useful (required, computed).
+    """
 
     name: str
     env: tuple[str, ...]
-    default: str
     meaning: str
+    unit: str = ""
+    kind: str = "text"
+    low: float | str | None = None
+    high: float | None = None
+    strict: bool = False
+    choices: tuple[str, ...] = ()
+    shown: str | None = None
 
+    @property
+    def default(self) -> str:
+        """The default, as text (the README's table)."""
+        if self.shown is not None:
+            return self.shown
+        spec = RecorderConfig.__dataclass_fields__[self.name]
+        value = spec.default
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _seconds(name: str, env: str, meaning: str, **bounds: Any) -> Knob:
+    return Knob(name, (env,), meaning, "seconds", "seconds", **bounds)
+
+
+def _count(name: str, env: str, meaning: str, **bounds: Any) -> Knob:
+    return Knob(name, (env,), meaning, "count", "int", **bounds)
+
+
+_DAY = 86400.0
 
 #: Every setting of :class:`RecorderConfig`, in the order the README lists them.
 KNOBS: tuple[Knob, ...] = (
-    Knob("token", (ACTIVITY_TOKEN_ENV,), "required", "Per activity token (a secret)."),
+    Knob("token", ("PER_ACTIVITY_TOKEN",), "Per activity token (a secret).", shown="required"),
     Knob(
         "activity_type_id",
         ("PER_ACTIVITY_TYPE_ID", "ACTIVITY_TYPE_ID"),
-        "required",
         "Default activity type of `record()`.",
+        shown="required",
     ),
     Knob(
         "directory",
         ("PER_BUFFER_DIR",),
-        "per-user cache dir",
         "Queue directory; default `$XDG_CACHE_HOME` (or `~/.cache`) `/per-buffer/q-<hash of "
         "token and URL>` (`~/Library/Caches` on macOS).",
+        shown="per-user cache dir",
     ),
     Knob(
         "base_url",
-        (BASE_URL_ENV,),
-        "https://api.useper.com",
+        ("PER_BASE_URL",),
         "Per endpoint: https, or http on a loopback host for tests.",
+        shown=DEFAULT_BASE_URL,
     ),
-    Knob("enabled", ("PER_BUFFER_ENABLED",), "true", "false: validate and count, send nothing."),
+    Knob(
+        "enabled", ("PER_BUFFER_ENABLED",), "false: validate and count, send nothing.", kind="bool"
+    ),
     Knob(
         "durability",
         ("PER_BUFFER_DURABILITY",),
-        "batched",
         "`batched`: on disk within `commit_interval`; `sync`: before `record()` returns.",
+        kind="choice",
+        choices=("batched", "sync"),
     ),
     Knob(
         "delivery",
         ("PER_BUFFER_DELIVERY",),
-        "process",
         "Who delivers: `process` (a drainer process per queue directory, started on "
         "demand, so serving processes only record), `thread` (a thread of each recording "
         "process) or `external` (`per-buffer drain --follow`, run by you).",
+        kind="choice",
+        choices=("process", "thread", "external"),
     ),
     Knob(
         "drainer_nice",
         ("PER_BUFFER_DRAINER_NICE",),
-        "10",
         "Niceness added to a started drainer process, so delivery uses idle CPU first.",
+        kind="int",
+        low=0,
+        high=19,
     ),
-    Knob(
+    _seconds(
         "commit_interval",
-        ("PER_BUFFER_COMMIT_INTERVAL",),
-        "0.01",
-        "Seconds an activity may wait in memory in batched mode.",
+        "PER_BUFFER_COMMIT_INTERVAL",
+        "How long an activity may wait in memory in batched mode.",
+        low=0.0,
+        high=60.0,
+        strict=True,
     ),
-    Knob(
+    _seconds(
         "coalesce_window",
-        ("PER_BUFFER_COALESCE_WINDOW",),
-        "900",
-        "Seconds; repeats of a key in one UTC-aligned window are not sent. 0: off.",
+        "PER_BUFFER_COALESCE_WINDOW",
+        "Repeats of a key in one UTC-aligned window are not sent (0: off).",
+        low=0.0,
+        high=_DAY * 366,
     ),
-    Knob(
+    _seconds(
         "coalesce_margin",
-        ("PER_BUFFER_COALESCE_MARGIN",),
-        "30",
-        "Seconds at each end of a window where only unsent copies suppress repeats: "
-        "the largest difference expected between the host's clock and Per's.",
+        "PER_BUFFER_COALESCE_MARGIN",
+        "At each end of a window only unsent copies suppress repeats: the largest "
+        "difference expected between the host's clock and Per's.",
+        low=0.0,
+        high=3600.0,
     ),
-    Knob(
+    _count(
         "coalesce_max_keys",
-        ("PER_BUFFER_COALESCE_MAX_KEYS",),
-        "1000000",
+        "PER_BUFFER_COALESCE_MAX_KEYS",
         "Keys remembered for coalescing (bounded memory).",
+        low=1,
     ),
-    Knob("concurrency", ("PER_BUFFER_CONCURRENCY",), "8", "Most requests in flight at once."),
-    Knob("timeout", ("PER_BUFFER_TIMEOUT",), "10", "Seconds per HTTP request."),
+    _count(
+        "concurrency",
+        "PER_BUFFER_CONCURRENCY",
+        "Most requests in flight at once.",
+        low=1,
+        high=1024,
+    ),
+    _seconds(
+        "timeout",
+        "PER_BUFFER_TIMEOUT",
+        "Per request: connect, write and read together.",
+        low=0.0,
+        high=3600.0,
+        strict=True,
+    ),
     Knob(
         "proxy",
         ("PER_BUFFER_PROXY",),
-        "from the environment",
         "Proxy URL for Per; without it `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and "
         "`NO_PROXY` apply as httpx reads them.",
+        shown="from the environment",
     ),
-    Knob(
+    _count(
         "max_attempts",
-        ("PER_BUFFER_MAX_ATTEMPTS",),
-        "3",
+        "PER_BUFFER_MAX_ATTEMPTS",
         "Refusals by Per itself (`ok: false`) before an activity is dead-lettered; "
         "faults on the way never count.",
+        low=1,
     ),
-    Knob(
+    _seconds(
         "backoff_initial",
-        ("PER_BUFFER_BACKOFF_INITIAL",),
-        "0.5",
-        "Seconds; scale of the exponential backoff (full jitter).",
+        "PER_BUFFER_BACKOFF_INITIAL",
+        "Scale of the exponential backoff (full jitter).",
+        low=0.0,
+        high=3600.0,
+        strict=True,
     ),
-    Knob("backoff_max", ("PER_BUFFER_BACKOFF_MAX",), "300", "Seconds; longest backoff."),
-    Knob(
+    _seconds(
+        "backoff_max",
+        "PER_BUFFER_BACKOFF_MAX",
+        "Longest backoff, and the longest `Retry-After` honoured.",
+        low="backoff_initial",
+        high=_DAY,
+    ),
+    _seconds(
         "auth_probe_interval",
-        ("PER_BUFFER_AUTH_PROBE_INTERVAL",),
-        "60",
-        "Seconds between probes while paused on a refused token.",
+        "PER_BUFFER_AUTH_PROBE_INTERVAL",
+        "Between probes while paused on a refused token.",
+        low=0.0,
+        high=_DAY,
+        strict=True,
     ),
-    Knob(
-        "max_queue_items",
-        ("PER_BUFFER_MAX_QUEUE_ITEMS",),
-        "10000000",
-        "Most activities on disk.",
-    ),
+    _count("max_queue_items", "PER_BUFFER_MAX_QUEUE_ITEMS", "Most activities on disk.", low=1),
     Knob(
         "max_queue_bytes",
         ("PER_BUFFER_MAX_QUEUE_BYTES",),
-        "2147483648",
         "Most payload bytes on disk.",
+        "bytes",
+        "int",
+        low=1024,
     ),
     Knob(
         "full_policy",
         ("PER_BUFFER_FULL_POLICY",),
-        "drop_newest",
         "When the queue is full: `drop_newest` or `drop_oldest`.",
+        kind="choice",
+        choices=("drop_newest", "drop_oldest"),
     ),
-    Knob(
+    _count(
         "memory_buffer",
-        ("PER_BUFFER_MEMORY_BUFFER",),
-        "100000",
-        "Activities held in memory while the disk queue fails.",
+        "PER_BUFFER_MEMORY_BUFFER",
+        "Activities held in memory while the disk is slow or fails.",
+        low=0,
     ),
-    Knob(
+    _seconds(
         "exit_timeout",
-        ("PER_BUFFER_EXIT_TIMEOUT",),
-        "5",
-        "Seconds `close()` and the exit handler spend flushing.",
+        "PER_BUFFER_EXIT_TIMEOUT",
+        "What `close()` and the exit handler spend delivering when no drainer goes on.",
+        low=0.0,
+        high=3600.0,
     ),
-    Knob(
+    _seconds(
         "lease_seconds",
-        ("PER_BUFFER_LEASE_SECONDS",),
-        "300",
-        "Seconds a claimed activity stays leased to a live process (at least `timeout`).",
+        "PER_BUFFER_LEASE_SECONDS",
+        "How long a claimed activity stays leased to a live process (at least `timeout`).",
+        low="timeout",
+        high=_DAY,
     ),
-    Knob(
+    _seconds(
         "poll_interval",
-        ("PER_BUFFER_POLL_INTERVAL",),
-        "1",
-        "Seconds between looks for work put by other processes.",
+        "PER_BUFFER_POLL_INTERVAL",
+        "Between looks for work other processes put.",
+        low=0.0,
+        high=3600.0,
+        strict=True,
     ),
 )
 
-_KNOB_BY_NAME = {knob.name: knob for knob in KNOBS}
+#: Settings of the plain clients and the CLI that a recorder does not have.
+CLIENT_KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "reporting_token",
+        ("PER_REPORTING_TOKEN",),
+        "Per reporting token for `get_report()` and `per-buffer report` (a secret).",
+        shown="the activity token",
+    ),
+)
+
+_KNOB_BY_NAME = {knob.name: knob for knob in (*KNOBS, *CLIENT_KNOBS)}
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    """The environment variables of setting ``name`` (e.g. ``"directory"``)."""
+    return _KNOB_BY_NAME[name].env
+
+
+# --------------------------------------------------------------------------- URL and token
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """Return the validated base URL: the argument, else ``PER_BASE_URL``, else Per's own.
+
+    Only ``https`` is accepted, except ``http`` on a loopback host (127.0.0.0/8,
+    ``::1``, ``localhost``) for tests against a local server.
+
+    Raises:
+        ValueError: the URL is malformed, not https, or carries credentials, a query or a fragment.
+    """
+    if base_url is None:
+        base_url = os.environ.get(env_names("base_url")[0]) or DEFAULT_BASE_URL
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
+    url = base_url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise ValueError(f"base_url is not a valid URL: {base_url!r}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"base_url must look like https://host[:port], not {base_url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("base_url must not carry credentials; pass the token separately")
+    if parts.query or parts.fragment:
+        raise ValueError(f"base_url must not have a query or fragment: {base_url!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ValueError(
+            f"base_url must use https (plain http is allowed only for loopback hosts): {base_url!r}"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(token: object, name: str = "token") -> str:
+    """Validate a token's form (non-empty str, no whitespace or control characters)."""
+    if not isinstance(token, str):
+        raise TypeError(f"{name} must be a str, not {type(token).__name__}")
+    if not token:
+        raise ValueError(f"{name} must not be empty")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in token):
+        raise ValueError(f"{name} must not contain whitespace or control characters")
+    return token
 
 
 def default_directory(token: str, base_url: str) -> Path:
@@ -198,8 +362,7 @@ def default_directory(token: str, base_url: str) -> Path:
     return base / f"q-{digest}"
 
 
-def _secret_repr(_: object) -> str:
-    return "<hidden>"
+# --------------------------------------------------------------------------- the recorder's
 
 
 @dataclass(frozen=True)
@@ -241,7 +404,8 @@ class RecorderConfig:
 
         Raises:
             TypeError: an unknown keyword argument.
-            ValueError: a missing token or activity type, or a bad value (naming it).
+            ValueError: a missing token or activity type, or a bad value (naming it and,
+                for an environment variable, its unit).
         """
         env = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)}
@@ -251,81 +415,28 @@ class RecorderConfig:
         values: dict[str, Any] = {}
         for name in known:
             value = kwargs.get(name)
-            if value is None and name in _KNOB_BY_NAME:
-                for var in _KNOB_BY_NAME[name].env:
-                    text = env.get(var)
-                    if text not in (None, ""):
-                        value = _parse_env(name, var, text)
-                        break
+            knob = _KNOB_BY_NAME.get(name)
+            if value is None and knob is not None:
+                value = _from_environment(knob, env)
             if value is not None:
                 values[name] = value
-
         enabled = _bool(values.get("enabled", True), "enabled")
-        base_url = resolve_base_url(values.get("base_url") or env.get(BASE_URL_ENV) or None)
-        token = values.get("token")
-        if token is None:
-            if enabled:
-                raise ValueError(f"No Per activity token: pass token= or set {ACTIVITY_TOKEN_ENV}.")
-        else:
-            token = check_token(token)
-        type_id = values.get("activity_type_id")
-        if type_id is None:
-            if enabled:
-                raise ValueError(
-                    "No activity type: pass activity_type_id= or set PER_ACTIVITY_TYPE_ID "
-                    "(or ACTIVITY_TYPE_ID)."
-                )
-        else:
-            type_id = validate_id(type_id, "activity_type_id")
-        directory = values.get("directory")
-        if directory is None:
-            directory = default_directory(token or "", base_url)
-        if not isinstance(directory, str | os.PathLike):
-            raise TypeError(f"directory must be a path, not {type(directory).__name__}")
+        base_url = resolve_base_url(values.get("base_url") or None)
         values.update(
-            token=token,
-            activity_type_id=type_id,
-            directory=Path(directory).expanduser(),
+            token=_required_token(values.get("token"), enabled),
+            activity_type_id=_required_type(values.get("activity_type_id"), enabled),
             base_url=base_url,
             enabled=enabled,
         )
+        values["directory"] = _directory(values.get("directory"), values["token"], base_url)
         config = cls(**values)
         config.validate()
         return config
 
     def validate(self) -> None:
-        """Check every value's range; raise ValueError naming the first bad one."""
-        if self.durability not in ("batched", "sync"):
-            raise ValueError(f"durability must be 'batched' or 'sync', not {self.durability!r}")
-        if self.delivery not in ("process", "thread", "external"):
-            raise ValueError(
-                f"delivery must be 'process', 'thread' or 'external', not {self.delivery!r}"
-            )
-        _integer(self.drainer_nice, "drainer_nice", 0, 19)
-        if self.full_policy not in ("drop_newest", "drop_oldest"):
-            raise ValueError(
-                f"full_policy must be 'drop_newest' or 'drop_oldest', not {self.full_policy!r}"
-            )
-        _number(self.commit_interval, "commit_interval", low=0.0, high=60.0, strict_low=True)
-        _number(self.coalesce_window, "coalesce_window", low=0.0, high=86400.0 * 366)
-        _number(self.coalesce_margin, "coalesce_margin", low=0.0, high=3600.0)
-        if self.proxy is not None and not isinstance(self.proxy, str):
-            raise ValueError(f"proxy must be a URL string, not {type(self.proxy).__name__}")
-        _number(self.timeout, "timeout", low=0.0, high=3600.0, strict_low=True)
-        _number(self.backoff_initial, "backoff_initial", low=0.0, high=3600.0, strict_low=True)
-        _number(self.backoff_max, "backoff_max", low=self.backoff_initial, high=86400.0)
-        _number(
-            self.auth_probe_interval, "auth_probe_interval", low=0.0, high=86400.0, strict_low=True
-        )
-        _number(self.exit_timeout, "exit_timeout", low=0.0, high=3600.0)
-        _number(self.lease_seconds, "lease_seconds", low=self.timeout, high=86400.0)
-        _number(self.poll_interval, "poll_interval", low=0.0, high=3600.0, strict_low=True)
-        _integer(self.coalesce_max_keys, "coalesce_max_keys", 1)
-        _integer(self.concurrency, "concurrency", 1, 1024)
-        _integer(self.max_attempts, "max_attempts", 1)
-        _integer(self.max_queue_items, "max_queue_items", 1)
-        _integer(self.max_queue_bytes, "max_queue_bytes", 1024)
-        _integer(self.memory_buffer, "memory_buffer", 0)
+        """Check every value against its knob; raise ValueError naming the first bad one."""
+        for knob in KNOBS:
+            _check(knob, getattr(self, knob.name), self)
         if self.on_error is not None and not callable(self.on_error):
             raise ValueError("on_error must be callable")
         if not callable(self.clock):
@@ -338,23 +449,78 @@ class RecorderConfig:
         return config
 
 
-def _parse_env(name: str, var: str, text: str) -> Any:
-    default = getattr(RecorderConfig, name, None)
+def _from_environment(knob: Knob, env: Mapping[str, str]) -> Any:
+    for var in knob.env:
+        text = env.get(var)
+        if text not in (None, ""):
+            return _parse(knob, var, text)
+    return None
+
+
+def _required_token(token: object, enabled: bool) -> str | None:
+    if token is None:
+        if enabled:
+            raise ValueError(f"No Per activity token: pass token= or set {env_names('token')[0]}.")
+        return None
+    return check_token(token)
+
+
+def _required_type(type_id: object, enabled: bool) -> str | None:
+    if type_id is None:
+        if enabled:
+            first, *rest = env_names("activity_type_id")
+            raise ValueError(
+                f"No activity type: pass activity_type_id= or set {first} (or {', '.join(rest)})."
+            )
+        return None
+    return validate_id(type_id, "activity_type_id")
+
+
+def _directory(directory: object, token: str | None, base_url: str) -> Path:
+    if directory is None:
+        return default_directory(token or "", base_url)
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"directory must be a path, not {type(directory).__name__}")
+    return Path(directory).expanduser()
+
+
+_UNIT_TEXT = {"seconds": "a number of seconds", "count": "a whole number", "bytes": "bytes"}
+
+
+def _parse(knob: Knob, var: str, text: str) -> Any:
+    """The value of one environment variable, as the knob's kind wants it."""
     try:
-        if name == "enabled":
+        if knob.kind == "bool":
             return _bool(text, var)
-        if isinstance(default, bool):
-            return _bool(text, var)
-        if isinstance(default, int):
+        if knob.kind == "int":
             return int(text.replace("_", ""))
-        if isinstance(default, float):
+        if knob.kind == "seconds":
             return float(text)
     except ValueError:
-        unit = "a number of seconds" if isinstance(default, float) else "a whole number"
-        if isinstance(default, bool) or name == "enabled":
-            unit = "true or false"
-        raise ValueError(f"{var}={text!r} is not a valid {name} ({unit})") from None
+        unit = "true or false" if knob.kind == "bool" else _UNIT_TEXT.get(knob.unit, knob.unit)
+        raise ValueError(f"{var}={text!r} is not a valid {knob.name} ({unit})") from None
     return text
+
+
+def _check(knob: Knob, value: Any, config: RecorderConfig) -> None:
+    """Raise ValueError naming ``knob`` when ``value`` is not allowed."""
+    name = knob.name
+    if knob.kind == "choice":
+        if value not in knob.choices:
+            allowed = " or ".join(repr(c) for c in knob.choices)
+            raise ValueError(f"{name} must be {allowed}, not {value!r}")
+    elif knob.kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+    elif knob.kind in ("seconds", "int"):
+        low = getattr(config, knob.low) if isinstance(knob.low, str) else knob.low
+        if knob.kind == "int":
+            _integer(value, name, int(low or 0), None if knob.high is None else int(knob.high))
+        else:
+            high = math.inf if knob.high is None else knob.high
+            _number(value, name, low=float(low or 0.0), high=high, strict_low=knob.strict)
+    elif name == "proxy" and value is not None and not isinstance(value, str):
+        raise ValueError(f"proxy must be a URL string, not {type(value).__name__}")
 
 
 def _bool(value: object, name: str) -> bool:

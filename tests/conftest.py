@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from per_buffer import Recorder
+from per_buffer.config import CLIENT_KNOBS, KNOBS
 from per_buffer.testing import PerServer
 
 
@@ -24,16 +25,7 @@ def server() -> Iterator[PerServer]:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test inherits Per settings from the machine's environment."""
-    for name in (
-        "PER_ACTIVITY_TOKEN",
-        "PER_REPORTING_TOKEN",
-        "PER_BASE_URL",
-        "PER_ACTIVITY_TYPE_ID",
-        "ACTIVITY_TYPE_ID",
-        "PER_BUFFER_DIR",
-        "PER_BUFFER_ENABLED",
-        "PER_BUFFER_DURABILITY",
-    ):
+    for name in (knob_env for knob in (*KNOBS, *CLIENT_KNOBS) for knob_env in knob.env):
         monkeypatch.delenv(name, raising=False)
 
 

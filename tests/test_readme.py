@@ -22,12 +22,12 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 def knob_table() -> str:
     lines = [
-        "| argument | environment variable | default | meaning |",
-        "|---|---|---|---|",
+        "| argument | environment variable | default | unit | meaning |",
+        "|---|---|---|---|---|",
     ]
     for knob in KNOBS:
         env = ", ".join(f"`{name}`" for name in knob.env)
-        lines.append(f"| `{knob.name}` | {env} | {knob.default} | {knob.meaning} |")
+        lines.append(f"| `{knob.name}` | {env} | {knob.default} | {knob.unit} | {knob.meaning} |")
     return "\n".join(lines)
 
 

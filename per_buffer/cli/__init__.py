@@ -31,16 +31,18 @@ import traceback
 from collections.abc import Iterator, Sequence
 
 from .._version import __version__
-from ..client import ACTIVITY_TOKEN_ENV, BASE_URL_ENV, REPORTING_TOKEN_ENV
 from ..errors import PerError, QueueError
 from . import dead_letters, demo, drain, record, report, salvage, serve_local, status
 from ._common import (
+    ACTIVITY_TOKEN_ENV,
+    BASE_URL_ENV,
     BUFFER_DIR_ENV,
     EXIT_FAILURE,
     EXIT_LOST,
     EXIT_OK,
     EXIT_USAGE,
     PROG,
+    REPORTING_TOKEN_ENV,
     CLIError,
     Handler,
     Parser,

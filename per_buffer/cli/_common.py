@@ -21,14 +21,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
-from ..client import ACTIVITY_TOKEN_ENV, BASE_URL_ENV, REPORTING_TOKEN_ENV, resolve_base_url
-from ..config import default_directory
+from ..config import default_directory, env_names, resolve_base_url
 from ..errors import PerAuthError, PerError, PerRateLimitError
 from ..queue import is_queue_directory
 
 PROG = "per-buffer"
-BUFFER_DIR_ENV = "PER_BUFFER_DIR"
-TYPE_ENVS = ("PER_ACTIVITY_TYPE_ID", "ACTIVITY_TYPE_ID")
+ACTIVITY_TOKEN_ENV = env_names("token")[0]
+REPORTING_TOKEN_ENV = env_names("reporting_token")[0]
+BASE_URL_ENV = env_names("base_url")[0]
+BUFFER_DIR_ENV = env_names("directory")[0]
+TYPE_ENVS = env_names("activity_type_id")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

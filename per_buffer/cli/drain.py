@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..client import ACTIVITY_TOKEN_ENV
+from ..config import env_names
 from ..recorder import Recorder, RecorderStats
 from ._common import (
+    ACTIVITY_TOKEN_ENV,
     EXIT_OK,
     EXIT_SIGNAL_LINES,
     EXIT_USAGE_LINE,
@@ -31,7 +32,7 @@ from ._common import (
 )
 from ._progress import TTY_INTERVAL, DeliveryState, Progress, Rate, bar
 
-CONCURRENCY_ENV = "PER_BUFFER_CONCURRENCY"
+CONCURRENCY_ENV = env_names("concurrency")[0]
 _DRAIN_CONCURRENCY = 32  # a backlog is drained faster than the recorder's everyday default
 
 EPILOG = f"""\

@@ -11,12 +11,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..client import ACTIVITY_TOKEN_ENV, PerClient
+from ..client import PerClient
 from ..config import RecorderConfig
 from ..errors import ConfigurationError, QueueError
 from ..models import validate_id
 from ..recorder import Recorder, RecorderStats
 from ._common import (
+    ACTIVITY_TOKEN_ENV,
     BUFFER_DIR_ENV,
     EXIT_FAILURE,
     EXIT_LOST,

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..client import REPORTING_TOKEN_ENV, PerClient
+from ..client import PerClient
 from ..models import format_timestamp, parse_timestamp
 from ._common import (
     EXIT_OK,
     EXIT_USAGE_LINE,
     PROG,
+    REPORTING_TOKEN_ENV,
     UsageError,
     add_command,
     base_url,

@@ -14,12 +14,14 @@ import sys
 import time
 from typing import Any
 
-from ..client import ACTIVITY_TOKEN_ENV, BASE_URL_ENV, REPORTING_TOKEN_ENV
 from ._common import (
+    ACTIVITY_TOKEN_ENV,
+    BASE_URL_ENV,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE_LINE,
     PROG,
+    REPORTING_TOKEN_ENV,
     TYPE_ENVS,
     CLIError,
     add_command,

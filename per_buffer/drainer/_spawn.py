@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Final
 
+from ..config import env_names
 from ._locks import DRAINER_LOCK, FileLock, supported
 from ._process import DrainerOptions
 
@@ -27,7 +28,7 @@ __all__ = ["drainer_running", "interpreter", "spawn"]
 logger = logging.getLogger("per_buffer.drainer")
 
 SPAWN_LOCK: Final = "spawn.lock"
-_TOKEN_VARIABLES: Final = frozenset({"PER_ACTIVITY_TOKEN", "PER_REPORTING_TOKEN"})
+_TOKEN_VARIABLES: Final = frozenset((*env_names("token"), *env_names("reporting_token")))
 _READY_WITHIN = 15.0  # seconds for a fresh interpreter to import and report
 
 

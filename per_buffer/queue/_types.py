@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from ..config import FullPolicy
 from ..models import Activity
 
-#: What :meth:`DurableQueue.put` does when the queue is full.
-FullPolicy = Literal["drop_newest", "drop_oldest"]
+__all__ = ["Claim", "DeadLetter", "Entry", "FullPolicy", "PutResult", "QueueStats", "SalvageResult"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 
+from per_buffer.drainer import drainer_running
 from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
 
@@ -89,10 +90,17 @@ def delivered_soon(server: PerServer, expected: set[Key], timeout: float = 15.0)
 
 
 def on_disk(directory: Path) -> set[Key]:
-    """What waits in a queue directory (leases of dead processes are reclaimed on open)."""
+    """What waits in a queue directory (leases of dead processes are reclaimed on open).
+
+    A drainer process still delivering holds leases nobody else can claim: wait for it to
+    finish (it exits when idle and no recorder is attached) before looking.
+    """
     found: set[Key] = set()
     if not directory.exists():
         return found
+    deadline = time.monotonic() + 15.0
+    while drainer_running(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
     with DurableQueue(directory) as queue:
         while (claim := queue.claim(1000, ignore_not_before=True)) is not None:
             found |= {tuple(entry.activity) for entry in claim.entries}  # type: ignore[misc]

@@ -9,12 +9,11 @@ from contextlib import contextmanager
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError
 
-from ...client import ACTIVITY_TOKEN_ENV, BASE_URL_ENV
-from ...config import RecorderConfig
+from ...config import RecorderConfig, env_names
 from ...recorder import shutdown
 from . import SETTINGS, recorder_settings
 
-_ENV_OF = {"token": ACTIVITY_TOKEN_ENV, "base_url": BASE_URL_ENV}
+_ENV_OF = {name: env_names(name)[0] for name in ("token", "base_url")}
 
 
 def run(command: str, args: Sequence[str], directory: str | None) -> None:
