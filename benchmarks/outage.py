@@ -7,6 +7,9 @@ until ``flush()`` returns. Reported: ``record()`` latency before and during the
 outage, the backlog at recovery, how long the worker takes to notice the recovery
 and to drain the backlog, and how many activities were lost (must be 0: the set of
 users recorded against the server's unique count).
+
+Delivery mode: the default (``delivery="process"``): the directory's drainer process
+notices the outage and the recovery; the recording process only records and commits.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ._common import (
     num,
     scratch_dir,
 )
+from ._procs import end_drainers
 
 PARAMS: dict[str, dict[str, float]] = {
     "smoke": {"rate": 1000.0, "before": 1.0, "outage": 1.5, "drain_max": 4.0},
@@ -126,7 +130,9 @@ def run(mode: str) -> ScenarioResult:
         flushed = recorder.flush(timeout=30.0)  # whatever is left (nothing, if drained)
         flush_seconds = time.perf_counter() - flush_started
         final = recorder.stats()
+        mode = final.delivery
         recorder.close(timeout=1.0)
+        end_drainers(tmp)
         unique = int(server.stats()["unique"])
         counters = server.stats()["counters"]
 
@@ -155,7 +161,8 @@ def run(mode: str) -> ScenarioResult:
         )
     lat.notes.append(
         f"A thread records a new user {p['rate']:,.0f} times a second (new keys, default "
-        f"batched mode, concurrency 8); outage = the server's API port refuses connections "
+        f"batched mode, concurrency 8, default delivery mode: {mode}, i.e. a drainer "
+        f"process delivers); outage = the server's API port refuses connections "
         f"for {p['outage']:g} s. p99 during / before: {during['p99'] / before['p99']:.2f}x."
     )
 
@@ -206,7 +213,7 @@ def run(mode: str) -> ScenarioResult:
     )
     table.notes.append(
         f"Server counters: {counters.get('requests', 0):,} requests, {counters.get('ok', 0):,} "
-        f"accepted; the worker retried {final.retried:,} attempts. During an outage the worker "
+        f"accepted; the drainer retried {final.retried:,} attempts. During an outage the worker "
         "probes one request at a time with a jittered, growing delay (capped at 5 s), so the "
         "first delivery after recovery waits for the next probe; failed entries wait for their "
         "own backoff. Drain times are measured by polling stats() every 0.1 s, without "
@@ -235,6 +242,7 @@ def run(mode: str) -> ScenarioResult:
         "server_unique": unique,
         "lost": lost,
         "dropped": dict(final.dropped),
+        "delivery_mode": mode,
         "timeline": timeline[::5],
         "load_average": {"before": load_before, "after": loadavg()},
     }
