@@ -40,7 +40,9 @@ def test_setup_commands_and_ci_use_the_same_test_command() -> None:
     assert "per-buffer demo" in README
     assert "python -m pip install -e '.[dev]' && pytest" in README
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install" in ci and "\npytest\n" in ci
+    make = (ROOT / "Makefile").read_text()
+    assert "pip install" in ci and "make check" in ci and "make test\n" in ci
+    assert "check: lint types test" in make and "\ntest:" in make and "\n\tpytest\n" in make
 
 
 def test_there_are_samples() -> None:
