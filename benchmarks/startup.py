@@ -4,8 +4,16 @@ Every figure comes from a fresh interpreter (``sys.executable``), runs alternate
 the in-process time of ``import per_buffer`` against ``import httpx`` alone (which
 per_buffer needs anyway), the wall time of whole ``python -c`` runs, and the time
 to build a :class:`~per_buffer.Recorder` on a fresh and on an existing directory and
-to make its first ``record()`` call (which starts the committer thread).
-``python -X importtime`` names the heaviest imports.
+to make its first ``record()`` call (which starts the committer thread and, in the
+default ``process`` delivery mode, the thread that spawns the drainer), and to close
+it right after. ``python -X importtime`` names the heaviest imports.
+
+Time to the first delivery: in a fresh interpreter, from ``Recorder()`` on a fresh
+directory (``per_buffer`` already imported) and one ``record()`` to the moment
+``stats()`` counts the activity delivered (polled every 2 ms), against the local
+server in its own process: in the default mode (the drainer process's start
+included: a fresh interpreter that imports per_buffer) and in the ``thread`` mode;
+then how long ``close()`` takes in each.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from per_buffer.testing import PerServerProcess
+
 from ._common import ScenarioResult, Spread, Table, fmt, loadavg, log, spread
+from ._procs import end_drainers
 
 PARAMS: dict[str, dict[str, int]] = {
     "smoke": {"runs": 3},
@@ -46,9 +57,31 @@ again = per_buffer.Recorder("bench-token", "api_call", directory=sys.argv[1] + "
                             base_url="http://127.0.0.1:9")
 t5 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "fresh": t2 - t1, "first_record": t3 - t2,
-                  "existing": t5 - t4}))
+                  "close_0": t4 - t3, "existing": t5 - t4}))
 again.close(timeout=0)
 """
+# the token comes on standard input, never on the command line
+_FIRST_DELIVERY = """
+import json, sys, time
+import per_buffer
+token = sys.stdin.readline().strip()
+directory, base_url, delivery = sys.argv[1:4]
+t0 = time.perf_counter()
+rec = per_buffer.Recorder(token, "api_call", directory=directory, base_url=base_url,
+                          delivery=delivery)
+rec.record("org", "first-user")
+t1 = time.perf_counter()
+deadline = t1 + 30.0
+while rec.stats().delivered < 1 and time.perf_counter() < deadline:
+    time.sleep(0.002)
+t2 = time.perf_counter()
+delivered = rec.stats().delivered
+rec.close(timeout=5.0)
+t3 = time.perf_counter()
+print(json.dumps({"record": t1 - t0, "delivered": t2 - t0, "close": t3 - t2,
+                  "count": delivered, "mode": rec.stats().delivery}))
+"""
+MODES = ("process", "thread")
 
 
 def _env() -> dict[str, str]:
@@ -58,11 +91,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _python(args: list[str], env: dict[str, str]) -> tuple[float, str]:
+def _python(args: list[str], env: dict[str, str], stdin: str = "") -> tuple[float, str]:
     """Run the interpreter; (wall seconds, stdout)."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, *args], env=env, capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     return time.perf_counter() - start, proc.stdout
 
@@ -103,7 +142,11 @@ def run(mode: str) -> ScenarioResult:
     # compile bytecode once, as an installed package would have it
     _python(["-c", "import per_buffer, httpx"], env)
     log(f"startup: {p['runs']} fresh interpreters per measurement")
-    with tempfile.TemporaryDirectory(prefix="per-bench-startup-") as tmp:
+    failed_first: list[str] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="per-bench-startup-") as tmp,
+        PerServerProcess(keep_activities=False) as server,
+    ):
         for run_index in range(p["runs"]):
             steps: list[tuple[str, list[str]]] = [
                 ("python -c pass (wall)", ["-c", "pass"]),
@@ -124,6 +167,21 @@ def run(mode: str) -> ScenarioResult:
                         samples.setdefault(f"recorder:{key}", []).append(float(value))
                 else:
                     samples.setdefault(label, []).append(float(out.strip().splitlines()[-1]))
+            # the port-9 recorders' drainer probes a closed port: it would linger a minute
+            end_drainers(Path(tmp), grace=0.0)
+            for delivery in MODES if run_index % 2 == 0 else MODES[::-1]:
+                directory = f"{tmp}/first-{delivery}-{run_index}"
+                _, out = _python(
+                    ["-c", _FIRST_DELIVERY, directory, server.url, delivery],
+                    env,
+                    stdin=server.activity_token + "\n",
+                )
+                data = json.loads(out.strip().splitlines()[-1])
+                if data["count"] < 1 or data["mode"] != delivery:
+                    failed_first.append(f"{delivery}: {data}")
+                for key in ("delivered", "close"):
+                    samples.setdefault(f"first:{delivery}:{key}", []).append(float(data[key]))
+                end_drainers(Path(directory))  # it stops by itself once idle and alone
         top, own_modules = importtime_top(env)
 
     ms: dict[str, Spread] = {k: spread([v * 1000.0 for v in vals]) for k, vals in samples.items()}
@@ -155,7 +213,25 @@ def run(mode: str) -> ScenarioResult:
     table.add("Recorder() on a fresh directory", fmt(ms["recorder:fresh"]), "")
     table.add("Recorder() on an existing directory", fmt(ms["recorder:existing"]), "")
     table.add(
-        "first record() call (starts the committer thread)", fmt(ms["recorder:first_record"]), ""
+        "first record() call (starts the committer thread and the drainer's spawning thread)",
+        fmt(ms["recorder:first_record"]),
+        "",
+    )
+    table.add(
+        "close(timeout=0) right after that first record() (default mode)",
+        fmt(ms["recorder:close_0"]),
+        "waits for the drainer it is starting to report ready",
+    )
+    table.add(
+        "Recorder() + record() until the activity is delivered, default mode (drainer "
+        "process; its start included)",
+        fmt(ms["first:process:delivered"]),
+        f"thread mode: {fmt(ms['first:thread:delivered'])} ms",
+    )
+    table.add(
+        "close() right after that delivery, default mode (the drainer goes on)",
+        fmt(ms["first:process:close"]),
+        f"thread mode: {fmt(ms['first:thread:close'])} ms",
     )
     table.notes.append(
         f"Medians of {p['runs']} fresh interpreters, [min-max]; bytecode already compiled. "
@@ -164,6 +240,15 @@ def run(mode: str) -> ScenarioResult:
         + ", ".join(f"{name} {value:.1f}" for name, value in top)
         + f"; per_buffer's own modules (self time): {own_modules:.1f} ms."
     )
+    table.notes.append(
+        "Delivery mode: the default (process) for every row, except the thread-mode figures "
+        "given for comparison. Recorder() rows use an unreachable base URL (port 9), so no "
+        "delivery happens there; first delivery rows use the local server (0 ms, its own "
+        "process), stats() polled every 2 ms in the recording process. A drainer is niced "
+        "+10 (drainer_nice), so its start is slower on a busy machine."
+    )
+    if failed_first:
+        table.notes.append("FIRST DELIVERY FAILED: " + "; ".join(failed_first))
     result.tables.append(table)
     result.figures.update(
         {
@@ -171,6 +256,7 @@ def run(mode: str) -> ScenarioResult:
             "per_buffer_own_ms": own.as_dict(),
             "importtime_top_ms": dict(top),
             "importtime_per_buffer_self_ms": own_modules,
+            "first_delivery_failures": failed_first,
             "load_average": {"before": load_before, "after": loadavg()},
         }
     )
