@@ -54,6 +54,7 @@ from ._common import (
     spread,
     unique_pairs,
 )
+from ._procs import end_drainers
 
 CONCURRENCY = 16
 BASE_LATENCY = 0.005  # seconds, every case; the spike returns to it
@@ -211,7 +212,9 @@ def run_case(
     stopped = time.perf_counter()
     final_counters = server.stats()["counters"]
     stats = recorder.stats()
+    mode = stats.delivery
     recorder.close(timeout=1.0)
+    end_drainers(directory, grace=0.0 if math.isnan(end) else 1.0)  # before the directory goes
     disk = probe.stats()
     probe.close()
     unique = int(server.stats()["unique"])
@@ -230,6 +233,7 @@ def run_case(
     flow = stats.flow
     return {
         "case": case.key,
+        "mode": mode,
         "n": n,
         "drained": drained,
         "seconds": seconds,
@@ -445,8 +449,10 @@ def run(mode: str) -> ScenarioResult:
         "Each run: a fresh queue directory pre-filled with unique activities (not timed), "
         f"the fault set on the server (its own process), then a Recorder (concurrency "
         f"{CONCURRENCY}, coalesce_window=0: one request per activity) delivering in the "
-        "background. No flush() or drain() while timing (both skip retry delays); the "
-        "directory's counts are polled every 10 ms. Goodput = activities / (last "
+        "background in the default delivery mode (a drainer process, niced +10; its start is "
+        "excluded since the clock starts at its first claim). No flush() or drain() while "
+        "timing (both skip retry delays); the directory's counts are polled every 10 ms. "
+        "Goodput = activities / (last "
         "acknowledgement - first request).",
         "Ideal: 503s: healthy goodput x success ratio. Rate limit R: the server's bucket "
         "starts full (R tokens), so a perfect client gets R requests through at once and R "
