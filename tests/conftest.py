@@ -27,6 +27,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test inherits Per settings from the machine's environment."""
     for name in (knob_env for knob in (*KNOBS, *CLIENT_KNOBS) for knob_env in knob.env):
         monkeypatch.delenv(name, raising=False)
+    # drainers started by in-process recorders compete with the suite's own processes at
+    # the same priority (a niced one starves on a busy machine; the benchmarks keep nice)
+    monkeypatch.setenv("PER_BUFFER_DRAINER_NICE", "0")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Subprocess entry points for recorder tests (crash, fork, atexit, multi-process).
 
-Run as ``python tests/recorder_child.py MODE URL DIR [ARGS...]``.
+Run as ``python tests/recorder/recorder_child.py MODE URL DIR [ARGS...]``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from per_buffer.testing import PerServer
 
 pytest_plugins = ["pytester"]
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- used directly
