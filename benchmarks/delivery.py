@@ -64,26 +64,32 @@ from ._procs import cpu_seconds, drainer_pids, end_drainers, wait_for_first_clai
 PARAMS: dict[str, dict[str, Any]] = {
     "smoke": {"repeats": 1, "latencies_ms": (0, 50), "concurrency": (8, 64), "seconds": 0.3,
               "pairs": {(0, 8), (50, 64)}},
-    "quick": {"repeats": 2, "latencies_ms": (0, 50), "concurrency": (1, 8, 64), "seconds": 0.6,
+    "quick": {"repeats": 2, "latencies_ms": (0, 50), "concurrency": (1, 8, 64), "seconds": 0.4,
               "pairs": None},
     "full": {"repeats": 3, "latencies_ms": (0, 20, 50), "concurrency": (1, 8, 32, 64),
              "seconds": 1.5, "pairs": None},
 }  # fmt: skip
 
 SUBJECTS = ("drainer", "thread", "httpx")
-MIN_ITEMS = 20
+MIN_ITEMS = 10
 MAX_ITEMS = 8000
-CLIENT_CPU_PER_REQUEST = 0.0003  # seconds, to size N so each run lasts about "seconds"
-MACHINE_CEILING = 4000.0  # requests/s, same purpose
+#: To size N so that each run lasts about "seconds": CPU seconds per request and the
+#: highest rate expected on this kind of machine, for per_buffer and for bare httpx
+#: (which needs about 1 ms of CPU per request here; its runs get fewer activities).
+CLIENT_CPU_PER_REQUEST = {"per_buffer": 0.0003, "httpx": 0.001}
+MACHINE_CEILING = {"per_buffer": 4000.0, "httpx": 1000.0}
 TARGET_RATIO = 0.8
 TARGET_RATE_50MS_64 = 1000.0
 TARGET_DRAINER_CPU_US = 50.0  # CPU microseconds per delivered activity, in the drainer
 START_TIMEOUT = 20.0  # seconds for the first claim (a drainer is a fresh interpreter)
 
 
-def items_for(latency_ms: int, concurrency: int, seconds: float) -> int:
-    """How many activities make a run last about ``seconds``."""
-    expected = min(concurrency / (latency_ms / 1000.0 + CLIENT_CPU_PER_REQUEST), MACHINE_CEILING)
+def items_for(latency_ms: int, concurrency: int, seconds: float, client: str = "per_buffer") -> int:
+    """How many activities make a run of ``client`` last about ``seconds``."""
+    expected = min(
+        concurrency / (latency_ms / 1000.0 + CLIENT_CPU_PER_REQUEST[client]),
+        MACHINE_CEILING[client],
+    )
     return int(min(MAX_ITEMS, max(MIN_ITEMS, round(expected * seconds))))
 
 
@@ -282,12 +288,13 @@ def run(mode: str) -> ScenarioResult:
             for index, (lat, conc) in enumerate(configs):
                 server.set_latency(lat / 1000.0)
                 n = items_for(lat, conc, p["seconds"])
+                n_httpx = min(n, items_for(lat, conc, p["seconds"], "httpx"))
                 shift = (rep + index) % len(SUBJECTS)
                 for subject in SUBJECTS[shift:] + SUBJECTS[:shift]:
                     serial += 1
                     tag = f"r{serial}"
                     if subject == "httpx":
-                        one = run_baseline(server, n, conc, tag)
+                        one = run_baseline(server, n_httpx, conc, tag)
                     else:
                         one = run_recorder(server, tmp / f"q{serial}", n, conc, tag, subject)
                         lost += int(one["lost"])
@@ -322,7 +329,7 @@ def _report(
         [
             "server latency",
             "concurrency",
-            "activities/run",
+            "activities/run (httpx)",
             "drainer act/s",
             "thread act/s",
             "httpx act/s",
@@ -386,7 +393,7 @@ def _report(
         table.add(
             f"{lat} ms",
             conc,
-            num(mine[0]["n"]),
+            f"{num(mine[0]['n'])} ({num(base[0]['n'])})",
             fmt(rate),
             fmt(thread_rate),
             fmt(base_rate),
