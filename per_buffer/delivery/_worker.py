@@ -403,7 +403,7 @@ class DeliveryWorker:
         out = self._out
         while self._ready:
             claim, entry = self._ready.popleft()
-            key = (claim.lease_id, False, False, int(not_before))
+            key = (claim.lease_id, False, False, int(not_before * _GROUP_PER_SECOND))
             group = out.releases.get(key)
             if group is None:
                 out.releases[key] = (claim, [entry.id], not_before, "")
