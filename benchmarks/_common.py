@@ -25,6 +25,7 @@ SCENARIOS: tuple[str, ...] = (
     "degraded",
     "coalescing",
     "startup",
+    "app",
 )
 
 #: Order in which the runner executes them: the backlog's long drain goes last so that it
@@ -36,6 +37,7 @@ RUN_ORDER: tuple[str, ...] = (
     "degraded",
     "coalescing",
     "startup",
+    "app",
     "backlog",
 )
 DEADLINE_ENV = "PER_BENCH_DEADLINE"

@@ -1,0 +1,159 @@
+"""What the ``app`` benchmark's web apps do per request (shared by ``app_wsgi`` and ``app_asgi``).
+
+Both endpoints do the same work: draw a user (a new one per request in the ``worst`` case,
+one from a Zipf pool in the ``zipf`` case), build its billing ID and count the request in
+a per-process counter file; ``/r`` also calls ``per_buffer.record(billing, user)``.
+
+The counters live in a small memory-mapped file per process (``<pid>.cnt`` in
+``$PER_BENCH_APP_COUNTERS``), written in place on every request (no system call), so the
+benchmark can read exact totals from outside, even after the server has exited:
+
+* bytes 0-8: ``record()`` calls that returned; bytes 8-16: requests to ``/p``;
+* then one bit per user of the Zipf pool, set once that user was recorded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import mmap
+import os
+import random
+import struct
+from pathlib import Path
+
+import per_buffer
+
+__all__ = [
+    "CASE_ENV",
+    "COUNTERS_ENV",
+    "HEADER",
+    "POOL_ENV",
+    "PREFIX_ENV",
+    "ZIPF_ENV",
+    "Work",
+    "read_counters",
+    "zipf_cdf",
+]
+
+CASE_ENV = "PER_BENCH_APP_CASE"  # "worst" (a new user per request) or "zipf"
+PREFIX_ENV = "PER_BENCH_APP_PREFIX"  # user IDs start with it (one per configuration)
+COUNTERS_ENV = "PER_BENCH_APP_COUNTERS"  # directory of the counter files
+POOL_ENV = "PER_BENCH_APP_POOL"  # users in the Zipf pool
+ZIPF_ENV = "PER_BENCH_APP_ZIPF_S"  # the Zipf exponent
+HEADER = 16
+BILLING_IDS = 97
+_COUNT = struct.Struct("<Q")
+
+
+def zipf_cdf(users: int, s: float) -> list[float]:
+    """The cumulative distribution of a Zipf law with exponent ``s`` over ``users`` ranks."""
+    weights = [1.0 / (rank**s) for rank in range(1, users + 1)]
+    total = sum(weights)
+    cdf: list[float] = []
+    running = 0.0
+    for weight in weights:
+        running += weight
+        cdf.append(running / total)
+    cdf[-1] = 1.0
+    return cdf
+
+
+def _bitmap_bytes(pool: int) -> int:
+    return (pool + 7) // 8
+
+
+class Work:
+    """The request work of both apps, configured from the environment."""
+
+    def __init__(self) -> None:
+        self.case = os.environ.get(CASE_ENV, "worst")
+        if self.case not in ("worst", "zipf"):
+            raise ValueError(f"{CASE_ENV} must be 'worst' or 'zipf', not {self.case!r}")
+        self.prefix = os.environ.get(PREFIX_ENV, "bench")
+        directory = os.environ.get(COUNTERS_ENV)
+        self.directory = Path(directory) if directory else None
+        self.pool = int(os.environ.get(POOL_ENV, "10000"))
+        self._cdf = zipf_cdf(self.pool, float(os.environ.get(ZIPF_ENV, "1.0")))
+        self._random = random.Random()
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._map: mmap.mmap | None = None
+        self._records = 0
+        self._plain = 0
+        self._numbers = itertools.count()
+        self._random.seed()
+
+    def _counters(self) -> mmap.mmap | None:
+        if self._map is None and self.directory is not None:
+            size = HEADER + _bitmap_bytes(self.pool)
+            path = self.directory / f"{self._pid}.cnt"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        return self._map
+
+    def who(self) -> tuple[str, str, int]:
+        """``(billing_id, user_id, pool index or -1)`` of this request's user."""
+        if self.case == "zipf":
+            index = bisect.bisect_left(self._cdf, self._random.random())
+            return f"org-{index % BILLING_IDS}", f"{self.prefix}-u{index}", index
+        n = next(self._numbers)
+        return f"org-{n % BILLING_IDS}", f"{self.prefix}-{self._pid}-{n}", -1
+
+    def handle(self, record: bool) -> None:
+        """One request's work; ``record``: also record the activity."""
+        billing, user, index = self.who()
+        counters = self._counters()
+        if record:
+            per_buffer.record(billing, user)
+            self._records += 1
+            if counters is not None:
+                _COUNT.pack_into(counters, 0, self._records)
+                if index >= 0:
+                    counters[HEADER + (index >> 3)] |= 1 << (index & 7)
+        else:
+            self._plain += 1
+            if counters is not None:
+                _COUNT.pack_into(counters, 8, self._plain)
+
+    def stats_json(self) -> bytes:
+        """This process's recorder figures as JSON (for the benchmark, not timed)."""
+        stats = per_buffer.get_recorder().stats()
+        return json.dumps(
+            {
+                "pid": self._pid,
+                "recorded": stats.recorded,
+                "coalesced": stats.coalesced,
+                "enqueued": stats.enqueued,
+                "dropped": dict(stats.dropped),
+                "buffered": stats.buffered,
+                "commit_lag": stats.commit_lag,
+                "commit_lag_max": stats.commit_lag_max,
+                "delivery": stats.delivery,
+            }
+        ).encode()
+
+
+def read_counters(directory: Path, pool: int) -> tuple[int, int, int]:
+    """``(record() calls, plain requests, distinct pool users recorded)`` over every process."""
+    records = plain = 0
+    bitmap = bytearray(_bitmap_bytes(pool))
+    for path in sorted(directory.glob("*.cnt")):
+        data = path.read_bytes()
+        if len(data) < HEADER:
+            continue
+        records += _COUNT.unpack_from(data, 0)[0]
+        plain += _COUNT.unpack_from(data, 8)[0]
+        for i, byte in enumerate(data[HEADER : HEADER + len(bitmap)]):
+            bitmap[i] |= byte
+    distinct = sum(bin(byte).count("1") for byte in bitmap)
+    return records, plain, distinct
