@@ -38,7 +38,7 @@ from ..backoff import Backoff
 from ..client import error_for
 from ..coalesce import DeliveredKeys
 from ..errors import QueueError
-from ..flow import FlowController
+from ..flow import FlowController, FlowState
 from ..models import Activity
 from ..outcomes import (
     AUTH,
@@ -63,11 +63,14 @@ _USER_AGENT = f"per-buffer/{__version__}"
 _RECLAIM_EVERY = 30.0
 _RECLAIM_FLUSHING = 1.0
 _TICK = 0.25
-_STATE_EVERY = 0.25
+_STATE_EVERY = 1.0  # the flow state is published this often (at once when its mode changes)
 _HAND_BACK = 5.0  # a pause longer than this gives unsent claims back to the queue
 _APPLY_RETRY = 0.5
 _ENDPOINT = "activities.add"
 _GROUP_PER_SECOND = 10  # releases due within the same tenth of a second share a transaction
+_CLAIM = 512  # entries per claim: one stored chunk, taken whole (no partial rewrite)
+_APPLY_EVERY = 0.1  # outcomes are written at most this often (a crash re-sends them: harmless)
+_APPLY_AT = 256  # ... or as soon as this many wait
 
 _Item = tuple[Claim, Entry]
 
@@ -155,7 +158,7 @@ class DeliveryWorker:
             settings.concurrency, self._backoff, auth_interval=settings.auth_probe_interval
         )
         self._delivered = DeliveredKeys(settings.coalesce_window, settings.coalesce_margin)
-        self._claim_size = max(16, min(256, 4 * settings.concurrency))
+        self._claim_size = _CLAIM
         self._failure_log = FailureLog()
         # thread control
         self._thread: threading.Thread | None = None
@@ -173,11 +176,15 @@ class DeliveryWorker:
         self._claims: dict[str, tuple[Claim, set[int]]] = {}
         self._in_flight = 0
         self._out = _Outcomes()
-        self._apply_scheduled = False
+        self._out_count = 0  # outcomes waiting to be written
+        self._apply_handle: asyncio.Handle | None = None
+        self._apply_soon = False
         self._apply_after = 0.0
         self._pump_handle: asyncio.TimerHandle | None = None
         self._pump_at = math.inf
         self._maybe_empty = True  # the queue may hold ready work: try a claim
+        self._polled = False  # that belief comes from a timer, not from news
+        self._poll_handle: asyncio.TimerHandle | None = None
         self._next_poll = 0.0
         self._last_reclaim = 0.0
         self._last_state = 0.0
@@ -319,6 +326,10 @@ class DeliveryWorker:
         now = time.monotonic()
         flow = self._flow
         ready = self._ready
+        if flow.probing and len(ready) > 1:  # one at a time now: the rest waits in the queue
+            keep = ready.popleft()
+            self._hand_back(time.time())
+            ready.append(keep)
         if not ready:
             self._claim(now)
         while ready and self._idle:
@@ -334,6 +345,7 @@ class DeliveryWorker:
             clock_now = self._clock()
             if self._delivered.covered(key, clock_now):
                 _add(self._out.coalesced, claim, entry.id)
+                self._out_count += 1
                 continue
             riders = self._riders.get(key)
             if riders is not None:
@@ -369,6 +381,17 @@ class DeliveryWorker:
         want = 1 if self._flow.probing else self._claim_size
         if len(self._ready) >= want:
             return
+        if self._polled and not self._flushing:  # a timer's look: a cheap read first
+            self._polled = False
+            try:
+                pending, _ = self.queue.counts()
+            except QueueError:
+                pending = 1
+            if not pending:
+                self._maybe_empty = False
+                self._next_poll = now + self._idle_poll
+                self._schedule_poll()
+                return
         try:
             claim = self.queue.claim(
                 want - len(self._ready),
@@ -383,10 +406,28 @@ class DeliveryWorker:
         if claim is None or not claim.entries:
             self._maybe_empty = False
             self._next_poll = now + self._poll_delay()
+            self._schedule_poll()
             self._notify_progress()
             return
         self._claims[claim.lease_id] = (claim, {entry.id for entry in claim.entries})
         self._ready.extend((claim, entry) for entry in claim.entries)
+
+    def _schedule_poll(self) -> None:
+        """Look at the queue again at ``_next_poll`` (between the quarter-second ticks)."""
+        loop = self._loop
+        if loop is None or self._next_poll - time.monotonic() >= _TICK:
+            return  # the tick comes first
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+        self._poll_handle = loop.call_at(
+            loop.time() + max(0.0, self._next_poll - time.monotonic()), self._on_poll
+        )
+
+    def _on_poll(self) -> None:
+        self._poll_handle = None
+        if not self._maybe_empty and time.monotonic() >= self._next_poll:
+            self._maybe_empty = self._polled = True
+            self._pump()
 
     def _poll_delay(self) -> float:
         """Seconds until the next look at the queue: at the next retry time, at the latest."""
@@ -401,6 +442,7 @@ class DeliveryWorker:
     def _hand_back(self, not_before: float) -> None:
         """A long pause: give unsent claims back so that they wait in the queue, not here."""
         out = self._out
+        self._out_count += len(self._ready)
         while self._ready:
             claim, entry = self._ready.popleft()
             key = (claim.lease_id, False, False, int(not_before * _GROUP_PER_SECOND))
@@ -419,6 +461,7 @@ class DeliveryWorker:
         key = entry.activity
         sent_clock = attempt.sent_clock
         items = [(attempt.claim, entry), *self._riders.pop(key, ())]
+        self._out_count += len(items)
         if self._stopping:
             for item_claim, item in items:
                 _add(self._out.holds, item_claim, item.id)
@@ -516,20 +559,32 @@ class DeliveryWorker:
             logger.exception("per_buffer: the on_error callback raised; ignored")
 
     def _schedule_apply(self) -> None:
-        if self._apply_scheduled or not self._out:
+        """Write outcomes in few, large transactions: every 20 ms, or once 256 wait, or at
+        once while a flush waits (the rows a write rewrites cost the same for 1 or 256)."""
+        if not self._out:
             return
+        urgent = self._flushing > 0 or self._stopping or self._out_count >= _APPLY_AT
+        handle = self._apply_handle
+        if handle is not None:
+            if not urgent or self._apply_soon:
+                return
+            handle.cancel()
         loop = self._loop
         assert loop is not None
-        self._apply_scheduled = True
-        delay = max(0.0, self._apply_after - time.monotonic())
-        if delay:
-            loop.call_later(delay, self._apply)
+        now = time.monotonic()
+        delay = max(0.0, self._apply_after - now, 0.0 if urgent else _APPLY_EVERY)
+        self._apply_soon = delay == 0.0
+        if self._apply_soon:
+            self._apply_handle = loop.call_soon(self._apply)
         else:
-            loop.call_soon(self._apply)
+            self._apply_handle = loop.call_later(delay, self._apply)
 
     def _apply(self) -> None:
         """Write the waiting outcomes to the queue (few transactions, one per group)."""
-        self._apply_scheduled = False
+        if self._apply_handle is not None:
+            self._apply_handle.cancel()  # called directly (a stop): no second pass
+            self._apply_handle = None
+        self._out_count = 0
         out, self._out = self._out, _Outcomes()
         kept = _Outcomes()
         stats = self.stats
@@ -578,8 +633,10 @@ class DeliveryWorker:
                 kept.holds[lease_id] = (claim, ids)
         if kept:  # the storage failed: keep them, and try again shortly
             self._merge_back(kept)
+            self._out_count = _APPLY_AT  # written as soon as the storage lets us
             self._apply_after = time.monotonic() + _APPLY_RETRY
             self._schedule_apply()
+        self._snapshot_flow(time.monotonic())
         self._notify_progress()
         if self._maybe_empty and not self._ready and not self._stopping:
             self._pump()
@@ -623,8 +680,8 @@ class DeliveryWorker:
         if loop is None or self._stopping:
             return
         now = time.monotonic()
-        if now >= self._next_poll:
-            self._maybe_empty = True
+        if now >= self._next_poll and not self._maybe_empty:
+            self._maybe_empty = self._polled = True
         reclaim_every = _RECLAIM_FLUSHING if self._flushing else _RECLAIM_EVERY
         if now - self._last_reclaim >= reclaim_every:
             self._last_reclaim = now
@@ -635,21 +692,27 @@ class DeliveryWorker:
                 self._queue_error(exc)
         self._publish(now)
         self._pump()
-        loop.call_later(min(_TICK, self._idle_poll), self._tick)
+        loop.call_later(_TICK, self._tick)
 
-    def _publish(self, now: float, *, force: bool = False) -> None:
+    def _snapshot_flow(self, now: float) -> FlowState:
+        """The flow state into the stats other threads read (cheap: every write, every tick)."""
         flow = self._flow.state(now)
         stats = self.stats
         stats.flow = flow
         stats.pause_reason = flow.pause_reason
         stats.paused_until = None if flow.paused_for is None else time.time() + flow.paused_for
+        return flow
+
+    def _publish(self, now: float, *, force: bool = False) -> None:
+        flow = self._snapshot_flow(now)
+        stats = self.stats
         key = (flow.limit, flow.rate, flow.probing, flow.pause_reason, stats.attempts)
         previous = self._state_key
         changed_mode = previous is None or key[2:4] != previous[2:4]  # probing, pause: now
         if not force and not changed_mode:
             if now - self._last_state < _STATE_EVERY:
                 return
-            if key == previous and now - self._last_state < 30 * _STATE_EVERY:
+            if key == previous and now - self._last_state < 30.0:
                 return
         self._last_state = now
         self._state_key = key

@@ -842,6 +842,11 @@ class Recorder:
                 qs = self._queue_stats = queue.stats()
             except QueueError as exc:
                 self._last_error = str(exc)
+            else:
+                if qs.generation != self._generation:  # a database was moved aside
+                    with self._lock:
+                        self._coalescer.forget()
+                    self._generation, self._feed_seq = qs.generation, qs.failure_seq
         return self._snapshot(qs, locked=True)
 
     def _snapshot(self, qs: QueueStats | None, *, locked: bool) -> RecorderStats:

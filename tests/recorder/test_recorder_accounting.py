@@ -116,6 +116,15 @@ def test_repeats_of_a_delivered_key_cost_no_request(server: PerServer, tmp_path:
 # ---------------------------------------------------------------------- sync means on disk
 
 
+def _eventually(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
 def _live_db(directory: Path) -> Path:
     return max(directory.glob("db-*/cache.db"), key=lambda p: int(p.parent.name[3:]))
 
@@ -175,6 +184,9 @@ def test_a_quarantined_database_is_counted_and_its_keys_are_forgotten(
     assert rec.flush(timeout=0.3) is False
     with DurableQueue(tmp_path / "q") as other:  # another process finds the database broken
         other._storage.quarantine("simulated damage")
+    # this process notices at its next queue operation (its committer looks every
+    # poll_interval), and forgets every key whose copy was in the lost database
+    assert _eventually(lambda: rec.stats().dropped.get("quarantined") == 10)
     for i in range(10):
         rec.record("acme", f"u{i}")  # the first copies are gone: these must be enqueued
     stats_before = rec.stats()
