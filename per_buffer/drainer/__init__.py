@@ -8,19 +8,21 @@ every process commits to the directory, with host-wide coalescing. See
 """
 
 from ._locks import DRAINER_LOCK, FLUSH_REQUEST, RECORDERS_LOCK, FileLock, supported
-from ._process import BUSY, DrainerOptions, main, run
+from ._process import BUSY, IDENTITY, DrainerOptions, main, read_identity, run
 from ._spawn import drainer_running, interpreter, spawn
 
 __all__ = [
     "BUSY",
     "DRAINER_LOCK",
     "FLUSH_REQUEST",
+    "IDENTITY",
     "RECORDERS_LOCK",
     "DrainerOptions",
     "FileLock",
     "drainer_running",
     "interpreter",
     "main",
+    "read_identity",
     "run",
     "spawn",
     "supported",

@@ -17,6 +17,7 @@ main thread, with its own host-wide coalescing; and a watchdog thread:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import logging.handlers
@@ -34,7 +35,7 @@ from ..errors import QueueError
 from ..queue import DurableQueue
 from ._locks import DRAINER_LOCK, FLUSH_REQUEST, RECORDERS_LOCK, FileLock
 
-__all__ = ["BUSY", "DrainerOptions", "main", "run"]
+__all__ = ["BUSY", "IDENTITY", "DrainerOptions", "main", "read_identity", "run"]
 
 logger = logging.getLogger("per_buffer.drainer")
 
@@ -46,6 +47,10 @@ _IDLE_POLL = 0.05  # the drainer hears of no commit: it looks at the queue this 
 BUSY = 75
 #: The drainer's log file in the queue directory.
 LOG_NAME = "drainer.log"
+#: The running drainer's identity file in the queue directory.
+IDENTITY = "drainer.id"
+_ELECTION_TRIES = 20
+_ELECTION_PAUSE = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class DrainerOptions:
         linger: seconds without any attached recorder and without a delivery before a
             drainer with work left gives up until the next recorder starts one.
         follow: run until stopped (the foreground command), never stop when idle.
+        spawned_at: unix time the spawning recorder was made: with different settings
+            (a rotated token, another URL), a newer recorder takes the directory over.
     """
 
     directory: Path
@@ -71,6 +78,15 @@ class DrainerOptions:
     nice: int = 0
     linger: float = 60.0
     follow: bool = False
+    spawned_at: float = 0.0
+
+    @property
+    def fingerprint(self) -> str:
+        """A keyed hash of what decides where and how activities go (token, URL, proxy):
+        recorders compare it without learning the token."""
+        s = self.settings
+        text = f"{s.base_url}\n{s.proxy or ''}\n{s.token}"
+        return hashlib.blake2b(text.encode(), digest_size=8, person=b"per-drainer-id").hexdigest()
 
     def to_json(self) -> str:
         """One line of JSON for the spawned process's standard input (holds the token)."""
@@ -89,6 +105,7 @@ class DrainerOptions:
                 "lease_seconds": self.lease_seconds,
                 "nice": self.nice,
                 "linger": self.linger,
+                "spawned_at": self.spawned_at,
             }
         )
 
@@ -110,10 +127,11 @@ def run(options: DrainerOptions, *, ready: Any = None) -> int:
     """
     directory = options.directory
     elected = FileLock(directory / DRAINER_LOCK)
-    if not elected.try_exclusive():
+    if not _elect(elected):
         _tell(ready, "busy")
         return BUSY
     try:
+        _write_identity(directory, options)
         if options.nice > 0:
             with contextlib.suppress(OSError):
                 os.nice(options.nice)
@@ -137,6 +155,39 @@ def run(options: DrainerOptions, *, ready: Any = None) -> int:
         return 0
     finally:
         elected.close()
+
+
+def _elect(lock: FileLock) -> bool:
+    """Take the election lock; a recorder looking whether a drainer runs holds it for
+    microseconds, so a failed try is repeated for a moment before giving up."""
+    for _ in range(_ELECTION_TRIES):
+        if lock.try_exclusive():
+            return True
+        time.sleep(_ELECTION_PAUSE)
+    return False
+
+
+def _write_identity(directory: Path, options: DrainerOptions) -> None:
+    """``drainer.id``: which process drains and with which settings (hashed)."""
+    identity = {
+        "pid": os.getpid(),
+        "fingerprint": options.fingerprint,
+        "spawned_at": options.spawned_at,
+    }
+    path = directory / IDENTITY
+    temporary = path.with_name(f".{IDENTITY}.{os.getpid()}")
+    with contextlib.suppress(OSError):
+        temporary.write_text(json.dumps(identity))
+        os.replace(temporary, path)
+
+
+def read_identity(directory: Path) -> dict[str, Any] | None:
+    """The running drainer's ``drainer.id`` (pid, settings fingerprint), if readable."""
+    try:
+        value = json.loads((directory / IDENTITY).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _tell(stream: Any, line: str) -> None:

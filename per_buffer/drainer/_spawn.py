@@ -55,24 +55,29 @@ def drainer_running(directory: Path) -> bool:
         lock.close()
 
 
-def spawn(options: DrainerOptions, python: str) -> int | None:
+def spawn(
+    options: DrainerOptions, python: str, started: threading.Event | None = None
+) -> int | None:
     """Start a drainer unless one runs or is being started; its pid, or None.
 
     Waits (up to 15 s) until the new process reports that it was elected, so a
-    caller that returns knows delivery is under way.
+    caller that returns knows delivery is under way. ``started`` is set as soon as
+    the process exists (or when none will be started).
     """
     starting = FileLock(options.directory / SPAWN_LOCK)
-    if not starting.try_exclusive():
-        return None  # another recorder is starting one right now
     try:
+        if not starting.try_exclusive():
+            return None  # another recorder is starting one right now
         if drainer_running(options.directory):
             return None
-        return _start(options, python)
+        return _start(options, python, started)
     finally:
         starting.close()
+        if started is not None:
+            started.set()
 
 
-def _start(options: DrainerOptions, python: str) -> int | None:
+def _start(options: DrainerOptions, python: str, started: threading.Event | None) -> int | None:
     # the token travels through the pipe only: not even the environment keeps a copy
     env = {k: v for k, v in os.environ.items() if k not in _TOKEN_VARIABLES}
     here = str(Path(__file__).resolve().parents[2])  # the directory holding per_buffer
@@ -94,6 +99,8 @@ def _start(options: DrainerOptions, python: str) -> int | None:
     except OSError as exc:
         logger.warning("per_buffer: cannot start a drainer process (%s)", exc)
         return None
+    if started is not None:
+        started.set()  # it exists: it delivers even if this process ends now
     assert process.stdin is not None and process.stdout is not None
     with contextlib.suppress(OSError):
         process.stdin.write(options.to_json() + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..config import RecorderConfig
 from ..delivery import DeliverySettings, DeliveryWorker, Feedback
-from ..drainer import FLUSH_REQUEST, DrainerOptions, drainer_running, spawn
+from ..drainer import FLUSH_REQUEST, DrainerOptions, drainer_running, read_identity, spawn
 from ..errors import QueueError
 from ..flow import FlowState
 from ..outcomes import FAILURE_CLASSES
@@ -38,6 +39,7 @@ logger = logging.getLogger("per_buffer.recorder")
 _CHECK_EVERY = 1.0  # seconds between looks for a live drainer
 _FLUSH_TOUCH = 0.5  # seconds between flush requests while a flush waits
 _WAIT_STEP = 0.02
+_SPAWN_EXISTS = 0.5  # seconds close() waits for a drainer being started to exist
 
 
 def _no_failures() -> Mapping[str, int]:
@@ -175,7 +177,10 @@ class DrainerDelivery(DeliveryMode):
         self._directory = Path(config.directory)
         self._last_check = -_CHECK_EVERY
         self._spawning: threading.Thread | None = None
+        self._started = threading.Event()  # the spawned process exists (or none will be)
         self._warned = False
+        self._created_at = time.time()
+        self._handed_over: int | None = None  # the pid this recorder asked to step down
         stats = queue.stats()
         self._base = (stats.delivered, stats.coalesced, stats.dead_lettered_total)
 
@@ -189,6 +194,7 @@ class DrainerDelivery(DeliveryMode):
             full_policy=config.full_policy,
             lease_seconds=config.lease_seconds,
             nice=config.drainer_nice,
+            spawned_at=self._created_at,
         )
 
     def start(self) -> None:
@@ -201,8 +207,9 @@ class DrainerDelivery(DeliveryMode):
             return
         python = self._python
         options = self._options()
+        self._started = started = threading.Event()
         thread = threading.Thread(
-            target=spawn, args=(options, python), name="per-buffer-spawn", daemon=True
+            target=spawn, args=(options, python, started), name="per-buffer-spawn", daemon=True
         )
         self._spawning = thread
         thread.start()
@@ -213,6 +220,7 @@ class DrainerDelivery(DeliveryMode):
             return
         self._last_check = now
         if self.spawns:
+            self._take_over_if_outdated()
             self.start()
         elif not self._warned and not drainer_running(self._directory):
             self._warned = True
@@ -245,8 +253,35 @@ class DrainerDelivery(DeliveryMode):
     def delivers_after_exit(self) -> bool:
         spawning = self._spawning
         if spawning is not None and spawning.is_alive():
-            spawning.join(1.0)
+            # a drainer being started delivers once its process exists: no need to wait
+            # for it to be ready (close() stays in milliseconds)
+            return self._started.wait(_SPAWN_EXISTS)
         return drainer_running(self._directory)
+
+    def _take_over_if_outdated(self) -> None:
+        """A drainer running with other settings (a rotated token, another URL) steps down
+        for a recorder made after the one that started it: the next check starts ours."""
+        identity = read_identity(self._directory)
+        if identity is None or not drainer_running(self._directory):
+            return
+        options = self._options()
+        pid = identity.get("pid")
+        if identity.get("fingerprint") == options.fingerprint or not isinstance(pid, int):
+            return
+        spawned_at = identity.get("spawned_at")
+        if not isinstance(spawned_at, int | float) or spawned_at >= self._created_at:
+            return  # started for a newer recorder: it wins
+        if pid == self._handed_over or not _is_drainer(pid):
+            return
+        self._handed_over = pid
+        logger.warning(
+            "per_buffer: the drainer of %s (pid %d) runs with other settings (token, URL or "
+            "proxy); it steps down for this recorder's",
+            self._directory,
+            pid,
+        )
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
 
     def figures(self, stats: QueueStats | None) -> Figures:
         if stats is None:
@@ -282,6 +317,14 @@ class ExternalDelivery(DrainerDelivery):
 
     name = "external"
     spawns = False
+
+
+def _is_drainer(pid: int) -> bool:
+    """True when ``pid`` is a drainer process (never signal anything else)."""
+    try:
+        return b"per_buffer.drainer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _touch(path: Path) -> None:

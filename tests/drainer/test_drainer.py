@@ -303,3 +303,32 @@ def test_options_travel_as_json_and_hold_the_token_only_there() -> None:
     back = DrainerOptions.from_json(text)
     assert back.settings.token == "secret-token-1"
     assert "secret-token-1" not in repr(back)
+
+
+@pytest.mark.shared_directory
+def test_a_rotated_token_takes_the_drainer_over(server: PerServer, tmp_path: Path) -> None:
+    """A drainer keeps the settings it was started with; a newer recorder with another
+    token (or URL) makes it step down, and the next one delivers with the new token."""
+    old = Recorder("old-token", "login", directory=tmp_path / "q", base_url=server.url, **FAST)
+    server.set_tokens(activity_tokens=["old-token"])
+    old.record("acme", "before")
+    assert old.flush(timeout=20)
+    server.set_tokens(activity_tokens=["new-token"])  # rotated: the old one is refused now
+    new = Recorder("new-token", "login", directory=tmp_path / "q", base_url=server.url, **FAST)
+    for i in range(20):
+        new.record("acme", f"after-{i}")
+    assert new.flush(timeout=20)  # the drainer was replaced
+    assert {a.user_id for a in server.activities} >= {f"after-{i}" for i in range(20)}
+    new.close()
+    old.close()
+
+
+def test_close_right_after_the_first_record_does_not_wait_for_the_drainer(
+    server: PerServer, tmp_path: Path
+) -> None:
+    rec = make(server, tmp_path / "q")
+    rec.record("acme", "u1")  # the drainer is being started now
+    started = time.monotonic()
+    rec.close(timeout=0)
+    assert time.monotonic() - started < 0.5 + 0.5  # timeout + 0.5 s
+    assert server.wait_for_activities(1, timeout=20)  # the drainer delivers after close
