@@ -8,7 +8,9 @@ The counters live in a small memory-mapped file per process (``<pid>.cnt`` in
 ``$PER_BENCH_APP_COUNTERS``), written in place on every request (no system call), so the
 benchmark can read exact totals from outside, even after the server has exited:
 
-* bytes 0-8: ``record()`` calls that returned; bytes 8-16: requests to ``/p``;
+* bytes 0-8: ``record()`` calls that returned; 8-16: requests to ``/p``; 16-24: nanoseconds
+  spent in ``record()``; 24-32: the longest call (the benchmark zeroes it between runs);
+  32-40: calls that took 1 ms or more;
 * then one bit per user of the Zipf pool, set once that user was recorded.
 """
 
@@ -21,7 +23,9 @@ import mmap
 import os
 import random
 import struct
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import per_buffer
 
@@ -29,11 +33,14 @@ __all__ = [
     "CASE_ENV",
     "COUNTERS_ENV",
     "HEADER",
+    "MAX_OFFSET",
     "POOL_ENV",
     "PREFIX_ENV",
     "ZIPF_ENV",
+    "Counts",
     "Work",
     "read_counters",
+    "reset_max",
     "zipf_cdf",
 ]
 
@@ -42,7 +49,9 @@ PREFIX_ENV = "PER_BENCH_APP_PREFIX"  # user IDs start with it (one per configura
 COUNTERS_ENV = "PER_BENCH_APP_COUNTERS"  # directory of the counter files
 POOL_ENV = "PER_BENCH_APP_POOL"  # users in the Zipf pool
 ZIPF_ENV = "PER_BENCH_APP_ZIPF_S"  # the Zipf exponent
-HEADER = 16
+HEADER = 40
+MAX_OFFSET = 24
+SLOW_NS = 1_000_000
 BILLING_IDS = 97
 _COUNT = struct.Struct("<Q")
 
@@ -86,6 +95,8 @@ class Work:
         self._map: mmap.mmap | None = None
         self._records = 0
         self._plain = 0
+        self._record_ns = 0
+        self._slow = 0
         self._numbers = itertools.count()
         self._random.seed()
 
@@ -114,10 +125,20 @@ class Work:
         billing, user, index = self.who()
         counters = self._counters()
         if record:
+            started = time.perf_counter_ns()
             per_buffer.record(billing, user)
+            took = time.perf_counter_ns() - started
             self._records += 1
+            self._record_ns += took
+            if took >= SLOW_NS:
+                self._slow += 1
             if counters is not None:
                 _COUNT.pack_into(counters, 0, self._records)
+                _COUNT.pack_into(counters, 16, self._record_ns)
+                if took > _COUNT.unpack_from(counters, MAX_OFFSET)[0]:
+                    _COUNT.pack_into(counters, MAX_OFFSET, took)
+                if took >= SLOW_NS:
+                    _COUNT.pack_into(counters, 32, self._slow)
                 if index >= 0:
                     counters[HEADER + (index >> 3)] |= 1 << (index & 7)
         else:
@@ -143,9 +164,20 @@ class Work:
         ).encode()
 
 
-def read_counters(directory: Path, pool: int) -> tuple[int, int, int]:
-    """``(record() calls, plain requests, distinct pool users recorded)`` over every process."""
-    records = plain = 0
+class Counts(NamedTuple):
+    """The counters of every process of a server, added up."""
+
+    records: int  # record() calls that returned
+    plain: int  # requests to /p
+    distinct: int  # distinct pool users recorded (Zipf case)
+    record_ns: int  # time spent in record()
+    record_max_ns: int  # the longest record() call since the last reset_max()
+    slow: int  # record() calls of 1 ms or more
+
+
+def read_counters(directory: Path, pool: int) -> Counts:
+    """The counters of every process that wrote a file in ``directory``."""
+    records = plain = record_ns = longest = slow = 0
     bitmap = bytearray(_bitmap_bytes(pool))
     for path in sorted(directory.glob("*.cnt")):
         data = path.read_bytes()
@@ -153,7 +185,19 @@ def read_counters(directory: Path, pool: int) -> tuple[int, int, int]:
             continue
         records += _COUNT.unpack_from(data, 0)[0]
         plain += _COUNT.unpack_from(data, 8)[0]
+        record_ns += _COUNT.unpack_from(data, 16)[0]
+        longest = max(longest, _COUNT.unpack_from(data, MAX_OFFSET)[0])
+        slow += _COUNT.unpack_from(data, 32)[0]
         for i, byte in enumerate(data[HEADER : HEADER + len(bitmap)]):
             bitmap[i] |= byte
     distinct = sum(bin(byte).count("1") for byte in bitmap)
-    return records, plain, distinct
+    return Counts(records, plain, distinct, record_ns, longest, slow)
+
+
+def reset_max(directory: Path) -> None:
+    """Zero every process's longest ``record()`` call (between runs; a race loses one)."""
+    zero = _COUNT.pack(0)
+    for path in directory.glob("*.cnt"):
+        with open(path, "r+b") as handle:
+            handle.seek(MAX_OFFSET)
+            handle.write(zero)

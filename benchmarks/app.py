@@ -62,6 +62,7 @@ from ._app_work import (
     PREFIX_ENV,
     ZIPF_ENV,
     read_counters,
+    reset_max,
 )
 from ._common import (
     ACTIVITY_TYPE,
@@ -508,6 +509,9 @@ class Run:
     drain_cpu: float = 0.0  # drainer CPU from the start of the load to the empty directory
     drained: int = 0  # entries acknowledged from the start of the load to the empty directory
     wall: tuple[float, float] = (0.0, 0.0)  # unix times the load started and ended
+    record_mean_us: float = math.nan  # mean time in record() (in the app processes)
+    record_max_us: float = math.nan  # the longest record() call
+    record_slow: int = 0  # record() calls of 1 ms or more
     window: float = math.nan  # seconds between the CPU snapshots around the load
 
 
@@ -607,7 +611,8 @@ def _one_run(
     endpoint: str, server: AppServer, probe: Probe, directory: Path, p: dict[str, Any], tmp: Path
 ) -> Run:
     counters = Path(server.env[COUNTERS_ENV])
-    recorded_before = read_counters(counters, POOL)[0]
+    reset_max(counters)
+    counts_before = read_counters(counters, POOL)
     _, delivered_before, _ = _pending(directory)
     before = probe.snapshot()
     wall_start, clock = time.time(), time.perf_counter()
@@ -619,7 +624,12 @@ def _one_run(
     run.wall = (wall_start, time.time())
     run.window = window
     run.cpu["loadgen"] = load.cpu_s
-    run.recorded = read_counters(counters, POOL)[0] - recorded_before
+    counts = read_counters(counters, POOL)
+    run.recorded = counts.records - counts_before.records
+    if run.recorded:
+        run.record_mean_us = (counts.record_ns - counts_before.record_ns) / run.recorded / 1e3
+        run.record_max_us = counts.record_max_ns / 1e3
+        run.record_slow = counts.slow - counts_before.slow
     run.delivered = delivered - delivered_before
     drained, waited = _settle(directory, p["settle"])
     run.catch_up = waited if drained else math.nan
@@ -737,8 +747,8 @@ def _reap_drainers(directory: Path, wait: float = 5.0) -> None:
 
 
 def _account(config: Config, per: PerServerProcess, directory: Path, counters: Path) -> None:
-    records, _, distinct = read_counters(counters, POOL)
-    config.recorded_keys = distinct if config.case == "zipf" else records
+    counts = read_counters(counters, POOL)
+    config.recorded_keys = counts.distinct if config.case == "zipf" else counts.records
     stats = per.stats()
     config.per_unique = int(stats["unique"])
     config.per_requests = int(stats["counters"]["ok"])
@@ -815,7 +825,7 @@ def run_shutdown(
         if server.proc is not None and server.proc.poll() is None:
             server.terminate()
         _reap_drainers(directory)
-    result.recorded = read_counters(counters, POOL)[0]
+    result.recorded = read_counters(counters, POOL).records
     result.per_unique = int(per.stats()["unique"])
     queue = inspect(directory)
     result.on_disk = 0 if queue is None else queue.pending + queue.in_flight
@@ -996,7 +1006,8 @@ def report(
 
     delivery = Table(
         "app: recording and delivery during the runs with recording",
-        ["server", "case", "delivery", "recorded /run", "delivered during load",
+        ["server", "case", "delivery", "recorded /run", "record() mean µs",
+         "record() max ms", "record() calls >= 1 ms", "delivered during load",
          "on disk at end", "oldest pending s", "catch-up s", "Per requests / keys",
          "keys recorded", "lost"],
     )  # fmt: skip
@@ -1005,6 +1016,9 @@ def report(
         delivery.add(
             c.server, c.case, _mode_label(c),
             fmt(spread([run.recorded for run in records])),
+            fmt(spread([run.record_mean_us for run in records])),
+            fmt(spread([run.record_max_us / 1000.0 for run in records])),
+            fmt(spread([run.record_slow for run in records])),
             fmt(spread([run.delivered for run in records])),
             fmt(spread([run.on_disk for run in records])),
             fmt(spread([run.lag if run.lag is not None else 0.0 for run in records])),
@@ -1014,7 +1028,9 @@ def report(
             f"**{c.lost}**" if c.lost else "0",
         )  # fmt: skip
     delivery.notes.append(
-        "Per run with recording: record() calls, entries acknowledged while the load ran "
+        "Per run with recording: record() calls, their duration as the app saw it (timed "
+        "around each call in the workers: mean, longest, calls of 1 ms or more), entries "
+        "acknowledged while the load ran "
         "(coalesced ones included), entries pending or in flight when it stopped and the age "
         "of the oldest (the delivery lag), seconds until the directory was empty (catch-up; "
         "a dash: not within the settle limit). Per requests / keys: activities.add requests "
@@ -1132,6 +1148,9 @@ def _config_figures(c: Config) -> dict[str, Any]:
                 "cpu_s": run.cpu,
                 "seconds": run.load.seconds,
                 "recorded": run.recorded,
+                "record_mean_us": run.record_mean_us,
+                "record_max_us": run.record_max_us,
+                "record_slow": run.record_slow,
                 "delivered": run.delivered,
                 "on_disk": run.on_disk,
                 "oldest_pending_age": run.lag,
