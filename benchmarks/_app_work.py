@@ -8,9 +8,9 @@ The counters live in a small memory-mapped file per process (``<pid>.cnt`` in
 ``$PER_BENCH_APP_COUNTERS``), written in place on every request (no system call), so the
 benchmark can read exact totals from outside, even after the server has exited:
 
-* bytes 0-8: ``record()`` calls that returned; 8-16: requests to ``/p``; 16-24: nanoseconds
-  spent in ``record()``; 24-32: the longest call (the benchmark zeroes it between runs);
-  32-40: calls that took 1 ms or more;
+* bytes 0-32 for ``/r``, 32-64 for ``/p``: calls (``record()`` calls that returned, or
+  calls of a no-op in its place), nanoseconds spent in them, the longest (the benchmark
+  zeroes it between runs), calls of 1 ms or more;
 * then one bit per user of the Zipf pool, set once that user was recorded.
 """
 
@@ -33,7 +33,6 @@ __all__ = [
     "CASE_ENV",
     "COUNTERS_ENV",
     "HEADER",
-    "MAX_OFFSET",
     "POOL_ENV",
     "PREFIX_ENV",
     "ZIPF_ENV",
@@ -49,8 +48,8 @@ PREFIX_ENV = "PER_BENCH_APP_PREFIX"  # user IDs start with it (one per configura
 COUNTERS_ENV = "PER_BENCH_APP_COUNTERS"  # directory of the counter files
 POOL_ENV = "PER_BENCH_APP_POOL"  # users in the Zipf pool
 ZIPF_ENV = "PER_BENCH_APP_ZIPF_S"  # the Zipf exponent
-HEADER = 40
-MAX_OFFSET = 24
+_SLOT = 32  # bytes of counters per endpoint
+HEADER = 2 * _SLOT
 SLOW_NS = 1_000_000
 BILLING_IDS = 97
 _COUNT = struct.Struct("<Q")
@@ -93,10 +92,8 @@ class Work:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._map: mmap.mmap | None = None
-        self._records = 0
-        self._plain = 0
-        self._record_ns = 0
-        self._slow = 0
+        # per endpoint (/r, /p): calls, nanoseconds in the call, (unused), calls >= 1 ms
+        self._counts = [[0, 0, 0, 0], [0, 0, 0, 0]]
         self._numbers = itertools.count()
         self._random.seed()
 
@@ -121,30 +118,33 @@ class Work:
         return f"org-{n % BILLING_IDS}", f"{self.prefix}-{self._pid}-{n}", -1
 
     def handle(self, record: bool) -> None:
-        """One request's work; ``record``: also record the activity."""
+        """One request's work; ``record``: record the activity, else call a no-op instead.
+
+        Both time the call the same way, so the no-op's figures are the control for
+        ``record()``'s (a thread switch or a preemption stalls both alike).
+        """
         billing, user, index = self.who()
+        call = per_buffer.record if record else _skip
+        started = time.perf_counter_ns()
+        call(billing, user)
+        took = time.perf_counter_ns() - started
+        counts = self._counts[0 if record else 1]
+        counts[0] += 1
+        counts[1] += took
+        if took >= SLOW_NS:
+            counts[3] += 1
         counters = self._counters()
-        if record:
-            started = time.perf_counter_ns()
-            per_buffer.record(billing, user)
-            took = time.perf_counter_ns() - started
-            self._records += 1
-            self._record_ns += took
-            if took >= SLOW_NS:
-                self._slow += 1
-            if counters is not None:
-                _COUNT.pack_into(counters, 0, self._records)
-                _COUNT.pack_into(counters, 16, self._record_ns)
-                if took > _COUNT.unpack_from(counters, MAX_OFFSET)[0]:
-                    _COUNT.pack_into(counters, MAX_OFFSET, took)
-                if took >= SLOW_NS:
-                    _COUNT.pack_into(counters, 32, self._slow)
-                if index >= 0:
-                    counters[HEADER + (index >> 3)] |= 1 << (index & 7)
-        else:
-            self._plain += 1
-            if counters is not None:
-                _COUNT.pack_into(counters, 8, self._plain)
+        if counters is None:
+            return
+        base = 0 if record else _SLOT
+        _COUNT.pack_into(counters, base, counts[0])
+        _COUNT.pack_into(counters, base + 8, counts[1])
+        if took > _COUNT.unpack_from(counters, base + 16)[0]:
+            _COUNT.pack_into(counters, base + 16, took)
+        if took >= SLOW_NS:
+            _COUNT.pack_into(counters, base + 24, counts[3])
+        if record and index >= 0:
+            counters[HEADER + (index >> 3)] |= 1 << (index & 7)
 
     def stats_json(self) -> bytes:
         """This process's recorder figures as JSON (for the benchmark, not timed)."""
@@ -164,40 +164,51 @@ class Work:
         ).encode()
 
 
+def _skip(billing_id: str, user_id: str) -> None:
+    """What ``/p`` calls where ``/r`` calls ``record()``."""
+
+
 class Counts(NamedTuple):
-    """The counters of every process of a server, added up."""
+    """The counters of every process of a server, added up (r: ``/r``; p: ``/p``)."""
 
     records: int  # record() calls that returned
     plain: int  # requests to /p
     distinct: int  # distinct pool users recorded (Zipf case)
     record_ns: int  # time spent in record()
     record_max_ns: int  # the longest record() call since the last reset_max()
-    slow: int  # record() calls of 1 ms or more
+    record_slow: int  # record() calls of 1 ms or more
+    skip_ns: int  # the same for the no-op /p calls in record()'s place
+    skip_max_ns: int
+    skip_slow: int
 
 
 def read_counters(directory: Path, pool: int) -> Counts:
     """The counters of every process that wrote a file in ``directory``."""
-    records = plain = record_ns = longest = slow = 0
+    totals = [0] * 8  # r: calls, ns, max, slow; p: the same
     bitmap = bytearray(_bitmap_bytes(pool))
     for path in sorted(directory.glob("*.cnt")):
         data = path.read_bytes()
         if len(data) < HEADER:
             continue
-        records += _COUNT.unpack_from(data, 0)[0]
-        plain += _COUNT.unpack_from(data, 8)[0]
-        record_ns += _COUNT.unpack_from(data, 16)[0]
-        longest = max(longest, _COUNT.unpack_from(data, MAX_OFFSET)[0])
-        slow += _COUNT.unpack_from(data, 32)[0]
+        for slot in (0, 1):
+            calls, spent, longest, slow = struct.unpack_from("<4Q", data, slot * _SLOT)
+            base = slot * 4
+            totals[base] += calls
+            totals[base + 1] += spent
+            totals[base + 2] = max(totals[base + 2], longest)
+            totals[base + 3] += slow
         for i, byte in enumerate(data[HEADER : HEADER + len(bitmap)]):
             bitmap[i] |= byte
     distinct = sum(bin(byte).count("1") for byte in bitmap)
-    return Counts(records, plain, distinct, record_ns, longest, slow)
+    r_calls, r_ns, r_max, r_slow, p_calls, p_ns, p_max, p_slow = totals
+    return Counts(r_calls, p_calls, distinct, r_ns, r_max, r_slow, p_ns, p_max, p_slow)
 
 
 def reset_max(directory: Path) -> None:
-    """Zero every process's longest ``record()`` call (between runs; a race loses one)."""
+    """Zero every process's longest call (between runs; a race loses one)."""
     zero = _COUNT.pack(0)
     for path in directory.glob("*.cnt"):
         with open(path, "r+b") as handle:
-            handle.seek(MAX_OFFSET)
-            handle.write(zero)
+            for slot in (0, 1):
+                handle.seek(slot * _SLOT + 16)
+                handle.write(zero)

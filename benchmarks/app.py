@@ -509,9 +509,10 @@ class Run:
     drain_cpu: float = 0.0  # drainer CPU from the start of the load to the empty directory
     drained: int = 0  # entries acknowledged from the start of the load to the empty directory
     wall: tuple[float, float] = (0.0, 0.0)  # unix times the load started and ended
-    record_mean_us: float = math.nan  # mean time in record() (in the app processes)
-    record_max_us: float = math.nan  # the longest record() call
-    record_slow: int = 0  # record() calls of 1 ms or more
+    # the call timed in the app: record() on /r, a no-op in its place on /p (the control)
+    call_mean_us: float = math.nan  # mean time in it
+    call_max_us: float = math.nan  # the longest call
+    call_slow: int = 0  # calls of 1 ms or more
     window: float = math.nan  # seconds between the CPU snapshots around the load
 
 
@@ -626,10 +627,16 @@ def _one_run(
     run.cpu["loadgen"] = load.cpu_s
     counts = read_counters(counters, POOL)
     run.recorded = counts.records - counts_before.records
-    if run.recorded:
-        run.record_mean_us = (counts.record_ns - counts_before.record_ns) / run.recorded / 1e3
-        run.record_max_us = counts.record_max_ns / 1e3
-        run.record_slow = counts.slow - counts_before.slow
+    if endpoint == "r":
+        calls, spent = run.recorded, counts.record_ns - counts_before.record_ns
+        run.call_max_us = counts.record_max_ns / 1e3
+        run.call_slow = counts.record_slow - counts_before.record_slow
+    else:
+        calls, spent = counts.plain - counts_before.plain, counts.skip_ns - counts_before.skip_ns
+        run.call_max_us = counts.skip_max_ns / 1e3
+        run.call_slow = counts.skip_slow - counts_before.skip_slow
+    if calls:
+        run.call_mean_us = spent / calls / 1e3
     run.delivered = delivered - delivered_before
     drained, waited = _settle(directory, p["settle"])
     run.catch_up = waited if drained else math.nan
@@ -853,6 +860,13 @@ def _cores(config: Config, endpoint: str, role: str) -> Spread:
     return spread([run.cpu.get(role, math.nan) / run.window for run in config.side(endpoint)])
 
 
+def _with_control(config: Config, attr: str, scale: float) -> str:
+    """``median of /r runs (median of /p runs)`` of a timed-call figure."""
+    mine = spread([getattr(run, attr) / scale for run in config.side("r")])
+    control = spread([getattr(run, attr) / scale for run in config.side("p")])
+    return f"{num(mine.median)} ({num(control.median)})"
+
+
 def _per_request(config: Config, endpoint: str, role: str) -> Spread:
     return spread(
         [
@@ -1006,8 +1020,8 @@ def report(
 
     delivery = Table(
         "app: recording and delivery during the runs with recording",
-        ["server", "case", "delivery", "recorded /run", "record() mean µs",
-         "record() max ms", "record() calls >= 1 ms", "delivered during load",
+        ["server", "case", "delivery", "recorded /run", "record() mean µs (no-op)",
+         "record() max ms (no-op)", "record() calls >= 1 ms (no-op)", "delivered during load",
          "on disk at end", "oldest pending s", "catch-up s", "Per requests / keys",
          "keys recorded", "lost"],
     )  # fmt: skip
@@ -1016,9 +1030,9 @@ def report(
         delivery.add(
             c.server, c.case, _mode_label(c),
             fmt(spread([run.recorded for run in records])),
-            fmt(spread([run.record_mean_us for run in records])),
-            fmt(spread([run.record_max_us / 1000.0 for run in records])),
-            fmt(spread([run.record_slow for run in records])),
+            _with_control(c, "call_mean_us", 1.0),
+            _with_control(c, "call_max_us", 1000.0),
+            _with_control(c, "call_slow", 1.0),
             fmt(spread([run.delivered for run in records])),
             fmt(spread([run.on_disk for run in records])),
             fmt(spread([run.lag if run.lag is not None else 0.0 for run in records])),
@@ -1029,8 +1043,9 @@ def report(
         )  # fmt: skip
     delivery.notes.append(
         "Per run with recording: record() calls, their duration as the app saw it (timed "
-        "around each call in the workers: mean, longest, calls of 1 ms or more), entries "
-        "acknowledged while the load ran "
+        "around each call in the workers: mean, longest, calls of 1 ms or more per run; in "
+        "brackets the same for a no-op called in its place on /p, timed the same way: what "
+        "preemption and the server alone cost), entries acknowledged while the load ran "
         "(coalesced ones included), entries pending or in flight when it stopped and the age "
         "of the oldest (the delivery lag), seconds until the directory was empty (catch-up; "
         "a dash: not within the settle limit). Per requests / keys: activities.add requests "
@@ -1148,9 +1163,9 @@ def _config_figures(c: Config) -> dict[str, Any]:
                 "cpu_s": run.cpu,
                 "seconds": run.load.seconds,
                 "recorded": run.recorded,
-                "record_mean_us": run.record_mean_us,
-                "record_max_us": run.record_max_us,
-                "record_slow": run.record_slow,
+                "call_mean_us": run.call_mean_us,
+                "call_max_us": run.call_max_us,
+                "call_slow": run.call_slow,
                 "delivered": run.delivered,
                 "on_disk": run.on_disk,
                 "oldest_pending_age": run.lag,
