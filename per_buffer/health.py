@@ -90,6 +90,33 @@ def health(
         TypeError: ``stats`` or ``previous`` is not a RecorderStats.
         ValueError: ``max_pending_age`` is not a positive number of seconds.
     """
+    _check_arguments(stats, max_pending_age, previous)
+    queue_errors = _since(stats.queue_errors, previous.queue_errors if previous else 0)
+    dead = _since(stats.dead_lettered, previous.dead_lettered if previous else 0)
+    dropped = _dropped_since(stats, previous)
+    failing, degraded = _reasons(stats, max_pending_age, queue_errors, dropped, dead)
+    status: HealthStatus = "failing" if failing else "degraded" if degraded else "ok"
+    return Health(
+        ok=status != "failing",
+        status=status,
+        reasons=(*failing, *degraded),
+        pending=stats.pending,
+        in_flight=stats.in_flight,
+        oldest_pending_age=stats.oldest_pending_age,
+        max_pending_age=float(max_pending_age),
+        pause_reason=stats.pause_reason,
+        paused_until=stats.paused_until,
+        buffered=stats.buffered,
+        queue_errors=queue_errors,
+        dropped=dropped,
+        dead_lettered=dead,
+    )
+
+
+def _check_arguments(
+    stats: RecorderStats, max_pending_age: float, previous: RecorderStats | None
+) -> None:
+    """Raise the TypeError or ValueError :func:`health` documents for bad arguments."""
     if not isinstance(stats, RecorderStats):
         raise TypeError(f"stats must be a RecorderStats, not {type(stats).__name__}")
     if previous is not None and not isinstance(previous, RecorderStats):
@@ -104,15 +131,25 @@ def health(
             f"max_pending_age must be a positive number of seconds, not {max_pending_age!r}"
         )
 
-    queue_errors = _since(stats.queue_errors, previous.queue_errors if previous else 0)
-    dead = _since(stats.dead_lettered, previous.dead_lettered if previous else 0)
+
+def _dropped_since(stats: RecorderStats, previous: RecorderStats | None) -> dict[str, int]:
+    """Activities dropped since ``previous`` (or ever), by reason; reasons with none left out."""
     before = previous.dropped if previous else {}
-    dropped = {
+    return {
         reason: n
         for reason, count in stats.dropped.items()
         if (n := _since(count, before.get(reason, 0)))
     }
 
+
+def _reasons(
+    stats: RecorderStats,
+    max_pending_age: float,
+    queue_errors: int,
+    dropped: Mapping[str, int],
+    dead: int,
+) -> tuple[list[str], list[str]]:
+    """``(failing, degraded)``: one sentence per problem, in the order :func:`health` lists."""
     failing: list[str] = []
     degraded: list[str] = []
     reason = stats.pause_reason
@@ -138,23 +175,7 @@ def health(
         degraded.append(f"{total} activities dropped ({by_reason})")
     if dead:
         degraded.append(f"{dead} activities dead-lettered (Per refused them)")
-
-    status: HealthStatus = "failing" if failing else "degraded" if degraded else "ok"
-    return Health(
-        ok=status != "failing",
-        status=status,
-        reasons=(*failing, *degraded),
-        pending=stats.pending,
-        in_flight=stats.in_flight,
-        oldest_pending_age=age,
-        max_pending_age=float(max_pending_age),
-        pause_reason=reason,
-        paused_until=stats.paused_until,
-        buffered=stats.buffered,
-        queue_errors=queue_errors,
-        dropped=dropped,
-        dead_lettered=dead,
-    )
+    return failing, degraded
 
 
 def _since(now: int, before: int) -> int:
