@@ -5,15 +5,17 @@ Servers, started as a user would: gunicorn with 4 sync workers over a minimal WS
 hooks), and uvicorn with 2 workers over a minimal ASGI app (:mod:`benchmarks.app_asgi`,
 wrapped in ``per_buffer.integrations.asgi.PerBufferMiddleware``). Per is the local server
 in its own process with a 5 ms latency. Everything shares this machine's cores: CPU that
-delivery takes while the app is saturated comes out of the app's throughput.
+delivery (or Per) takes while the app is saturated comes out of the app's throughput.
 
-Load: ``wrk`` (1 thread, 16 connections) where installed, else a Python load generator
-(one process, same connections; the table says which). Each run drives one endpoint for a
-few seconds: ``/r`` draws a user and calls ``per_buffer.record(billing, user)``, ``/p``
-does the same work without recording. Runs alternate (``/p``, ``/r``, then ``/r``, ``/p``
-...), and before every run the queue directory is drained (the wait is the catch-up
-time), so no run pays for delivery left over from the one before. Figures are medians of
-the runs [min-max]; ratios are taken per pair of adjacent runs.
+Load: ``wrk`` (1 thread, 16 connections, closed loop) where installed, else a Python load
+generator (one process, the same connections; ``PER_BENCH_LOADGEN=python`` forces it; the
+table says which). Each run drives one endpoint for whole seconds: ``/r`` draws a user and
+calls ``per_buffer.record(billing, user)``, ``/p`` does the same work and calls a no-op in
+its place; both time that call in the app (the no-op is the control for ``record()``'s
+duration). Runs alternate (``/p``, ``/r``, then ``/r``, ``/p`` ...), and before every run
+the queue directory is drained (the wait is the catch-up time), so no run pays for
+delivery left over from the one before. Figures are medians of the runs [min-max];
+ratios are taken per pair of adjacent runs.
 
 Cases: ``worst``: every request a new user and ``coalesce_window=0`` (each record is a
 request to Per); ``zipf``: the default window (900 s) with users drawn from a Zipf pool
@@ -22,15 +24,23 @@ niced by ``drainer_nice``), ``thread`` (delivery in each worker) and ``external`
 (``per-buffer drain --follow`` started here as its own process, at nice 0). Each server x
 case x mode runs on its own fresh queue directory and server instance.
 
+CPU per process comes from ``/proc`` (psutil): app processes, the drainer, Per, the load
+generator, and the whole machine (``/proc/stat``), whose excess over ours is other work on
+the machine: when it is not near 0, req/s figures are unreliable, and the CPU-bound
+estimate of the ratio (our CPU per request without recording / with) is the steadier one.
+
 Accounting: each app process counts its ``record()`` calls (and, in the Zipf case, which
 pool users it recorded) in a memory-mapped file the benchmark reads. After the last run
 the directory is drained: lost = recorded keys - keys Per counted - entries still on disk
-(must be 0). CPU per process comes from ``/proc`` (psutil): app processes, the drainer,
-Per, the load generator.
+(must be 0).
 
 Shutdown under load: in the default mode, worst case, the app server is sent SIGTERM
-while the load runs on ``/r``; the time to its exit is measured, then the drainer (which
-outlives it) delivers the rest, and recorded = delivered + on disk is checked.
+1.5 s into a load on ``/r`` (and, as a control, on ``/p`` without any recorder); the time
+to its exit is measured, then the drainer (which outlives it) delivers the rest, and
+recorded = delivered + on disk is checked.
+
+Servers and load generators die with this process (``PR_SET_PDEATHSIG``), and the
+scenario skips what is left once ``cap`` seconds have passed (a loaded machine).
 """
 
 from __future__ import annotations
@@ -963,7 +973,10 @@ def report(
         f"gunicorn: {GUNICORN_WORKERS} sync workers, WSGI; uvicorn: {UVICORN_WORKERS} "
         f"workers, ASGI ({_versions()}). Cases: worst = a new user per request, "
         f"coalesce_window=0; zipf = default window (900 s), users from a Zipf pool "
-        f"({POOL:,} users, s={ZIPF_S:g}). Before each run the directory was drained."
+        f"({POOL:,} users, s={ZIPF_S:g}). Before each run the directory was drained. The "
+        "load is a closed loop (a fixed number of connections): lower throughput raises "
+        "every latency (Little's law), so the p99 ratio follows 1 / the req/s ratio, plus "
+        "the stalls."
     )
     cost.notes.append(
         "Load average (1 min) at the start/end of each row: "
