@@ -20,18 +20,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
-from types import TracebackType
 from typing import IO, Any, Literal
 from urllib.parse import urlencode
 
-from ._server import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN, PerServer
+from ._server import DEFAULT_ACTIVITY_TOKEN, DEFAULT_REPORTING_TOKEN, PerServer, StartStop
 
 __all__ = ["PerServerProcess", "main"]
 
 # --------------------------------------------------------------------------- other process
 
 
-class PerServerProcess:
+class PerServerProcess(StartStop):
     """A :class:`PerServer` in a child process (``python -m per_buffer.testing``).
 
     Use it as a context manager. It is driven through the server's control
@@ -123,19 +122,6 @@ class PerServerProcess:
         if proc.stdout is not None:
             proc.stdout.close()
         return proc.returncode
-
-    def __enter__(self) -> PerServerProcess:
-        """Start the child (see :meth:`start`)."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the child (see :meth:`stop`)."""
-        self.stop()
 
     # control calls ------------------------------------------------------------------
 
@@ -275,6 +261,30 @@ def _read_line(stream: IO[bytes] | None, timeout: float) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve Per on loopback until SIGINT/SIGTERM (``python -m per_buffer.testing --help``)."""
+    options = _parser().parse_args(argv)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = _server(options)
+    try:
+        server.start()
+        _configure(server, options)
+        control = server.serve_control(options.control_port)
+        print(f"per-server listening on {server.url} control {control}", flush=True)
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`."""
     parser = argparse.ArgumentParser(
         prog="python -m per_buffer.testing",
         description="A local Per-compatible server for tests, benchmarks and demos.",
@@ -312,15 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds the server's clock is ahead of the host's (negative: behind)",
     )
     parser.add_argument("--no-keep-activities", action="store_true")
-    options = parser.parse_args(argv)
+    return parser
 
-    stopping = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = PerServer(
+def _server(options: argparse.Namespace) -> PerServer:
+    """The (not yet started) server the command-line ``options`` describe."""
+    return PerServer(
         host=options.host,
         port=options.port,
         activity_tokens=options.activity_token or (DEFAULT_ACTIVITY_TOKEN,),
@@ -331,22 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_activities=not options.no_keep_activities,
         framing=options.framing,
     )
-    try:
-        server.start()
-        if options.rate_limit is not None:
-            server.set_rate_limit(
-                options.rate_limit,
-                burst=options.rate_limit_burst,
-                retry_after=options.retry_after,
-            )
-        if options.error_rate > 0:
-            server.inject("503", rate=options.error_rate)
-        control = server.serve_control(options.control_port)
-        print(f"per-server listening on {server.url} control {control}", flush=True)
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+
+
+def _configure(server: PerServer, options: argparse.Namespace) -> None:
+    """Apply the rate limit and the error rate of ``options`` to the running ``server``."""
+    if options.rate_limit is not None:
+        server.set_rate_limit(
+            options.rate_limit,
+            burst=options.rate_limit_burst,
+            retry_after=options.retry_after,
+        )
+    if options.error_rate > 0:
+        server.inject("503", rate=options.error_rate)

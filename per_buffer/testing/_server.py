@@ -399,6 +399,61 @@ def _fault_response(kind: str, retry_after: str | None, message: str) -> bytes:
     return b""
 
 
+def _head_fields(lines: list[bytes], keep_alive: bool) -> tuple[bytes | None, bool, int]:
+    """``(authorization, keep_alive, body length)`` from a request's header lines.
+
+    ``keep_alive`` is the HTTP version's default. A body the server will not parse
+    (chunked, or a bad ``Content-Length``) counts as none and closes the connection.
+    """
+    authorization: bytes | None = None
+    length = 0
+    chunked = False
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"authorization":
+            authorization = value.strip()
+        elif name == b"connection":
+            tokens = value.lower()
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+        elif name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = -1
+        elif name == b"transfer-encoding":
+            chunked = True
+    if length < 0 or chunked:
+        return authorization, False, 0  # a body we will not parse: answer, then close
+    return authorization, keep_alive, length
+
+
+def _new_fault(
+    kind: str, retry_after: str | None, message: str, status: int | None, body: str | None
+) -> tuple[_Fault, str]:
+    """The fault :meth:`PerServer.inject` arms and its rate key (one per kind, per status).
+
+    Raises:
+        ValueError: ``status`` or ``body`` that do not fit ``kind``.
+    """
+    if kind != "http":
+        if status is not None or body is not None:
+            raise ValueError(f'status and body go with kind "http", not {kind!r}')
+        return _Fault(kind, retry_after, message, _fault_response(kind, retry_after, message)), kind
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise ValueError(f'kind "http" needs an int status, not {status!r}')
+    if not 200 <= status <= 599:
+        raise ValueError(f"status must be within 200..599, not {status!r}")
+    shape = "html" if body is None else body
+    if shape not in _FAULT_BODIES:
+        raise ValueError(f"body must be one of {_FAULT_BODIES}, not {body!r}")
+    response = _status_response(status, shape, message, retry_after)
+    return _Fault(kind, retry_after, message, response), f"http {status}"
+
+
 # --------------------------------------------------------------------------- protocol
 
 
@@ -477,79 +532,85 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _process(self) -> None:
+        """Serve the buffered requests in order until one must wait (or none is left)."""
         transport = self.transport
         while transport is not None and not self._busy and self._buf:
-            buf = self._buf
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _MAX_HEAD:
-                    self._bad_request(_close_variant(_response(431, _BODY_400)))
+            request = self._next_request()
+            if request is None:
                 return
-            lines = buf[:end].split(b"\r\n")
-            request_line = lines[0].split(b" ")
-            if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
-                self._bad_request(_close_variant(_R_400))
-                return
-            method, target, version = request_line
-            keep_alive = version != b"HTTP/1.0"
-            authorization: bytes | None = None
-            length = 0
-            chunked = False
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"authorization":
-                    authorization = value.strip()
-                elif name == b"connection":
-                    tokens = value.lower()
-                    if b"close" in tokens:
-                        keep_alive = False
-                    elif b"keep-alive" in tokens:
-                        keep_alive = True
-                elif name == b"content-length":
-                    try:
-                        length = int(value)
-                    except ValueError:
-                        length = -1
-                elif name == b"transfer-encoding":
-                    chunked = True
-            if length < 0 or chunked:
-                keep_alive = False  # a body we will not parse: answer, then close
-                length = 0
-            rest = end + 4 + length
-            if len(buf) < rest:
-                return  # wait for the rest of the body
-            self._buf = buf[rest:]
+            method, target, authorization, keep_alive = request
             if self._control:
-                self._busy = True
-                task = asyncio.ensure_future(self._server._control_request(method, target))
-                self._server._keep(task)
-                task.add_done_callback(functools.partial(self._control_done, keep_alive=keep_alive))
+                self._start_control(method, target, keep_alive)
                 return
-            action, response, delay = self._server._api_request(method, target, authorization)
-            if action == _DROP:
-                transport.close()
-                self._buf = b""
+            if not self._answer(transport, method, target, authorization, keep_alive):
                 return
-            if action == _HANG:
-                self._busy = True
-                self._server._hanging.add(self)
-                return
-            if not keep_alive:
-                response = (
-                    _OK_HEAD_CLOSE + response[len(_OK_HEAD) :]
-                    if response.startswith(_OK_HEAD)
-                    else _close_variant(response)
-                )
-            if delay > 0:
-                self._busy = True
-                self._timer = asyncio.get_running_loop().call_later(
-                    delay, self._finish, response, not keep_alive
-                )
-                return
-            if not self._write(response, not keep_alive):
-                self._busy = True  # closed or closing: serve nothing more
-                return
+
+    def _next_request(self) -> tuple[bytes, bytes, bytes | None, bool] | None:
+        """Take the next whole request off the buffer.
+
+        Returns ``(method, target, authorization, keep_alive)``, or None while the
+        request is incomplete or after answering a malformed one.
+        """
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _MAX_HEAD:
+                self._bad_request(_close_variant(_response(431, _BODY_400)))
+            return None
+        lines = buf[:end].split(b"\r\n")
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
+            self._bad_request(_close_variant(_R_400))
+            return None
+        method, target, version = request_line
+        authorization, keep_alive, length = _head_fields(lines[1:], version != b"HTTP/1.0")
+        rest = end + 4 + length
+        if len(buf) < rest:
+            return None  # wait for the rest of the body
+        self._buf = buf[rest:]
+        return method, target, authorization, keep_alive
+
+    def _start_control(self, method: bytes, target: bytes, keep_alive: bool) -> None:
+        """Run a control request as a task; its response is written when it is done."""
+        self._busy = True
+        task = asyncio.ensure_future(self._server._control_request(method, target))
+        self._server._keep(task)
+        task.add_done_callback(functools.partial(self._control_done, keep_alive=keep_alive))
+
+    def _answer(
+        self,
+        transport: asyncio.Transport,
+        method: bytes,
+        target: bytes,
+        authorization: bytes | None,
+        keep_alive: bool,
+    ) -> bool:
+        """Answer one API request (now, later, never or by closing); True: serve the next."""
+        action, response, delay = self._server._api_request(method, target, authorization)
+        if action == _DROP:
+            transport.close()
+            self._buf = b""
+            return False
+        if action == _HANG:
+            self._busy = True
+            self._server._hanging.add(self)
+            return False
+        if not keep_alive:
+            response = (
+                _OK_HEAD_CLOSE + response[len(_OK_HEAD) :]
+                if response.startswith(_OK_HEAD)
+                else _close_variant(response)
+            )
+        if delay > 0:
+            self._busy = True
+            self._timer = asyncio.get_running_loop().call_later(
+                delay, self._finish, response, not keep_alive
+            )
+            return False
+        if not self._write(response, not keep_alive):
+            self._busy = True  # closed or closing: serve nothing more
+            return False
+        return True
 
     def _write(self, response: bytes, close: bool) -> bool:
         """Send ``response`` with the server's framing; ``False`` once the connection closes."""
@@ -625,7 +686,39 @@ class _Connection(asyncio.Protocol):
 # --------------------------------------------------------------------------- server
 
 
-class PerServer:
+_S = TypeVar("_S", bound="StartStop")
+
+
+class StartStop:
+    """Context manager of a server: ``start()`` on entry (its value is bound), ``stop()`` on exit.
+
+    :class:`PerServer` (a thread of this process) and :class:`PerServerProcess`
+    (a child process) share it.
+    """
+
+    def start(self: _S) -> _S:
+        """Start; return ``self``."""
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        """Stop (idempotent)."""
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        """Start (see :meth:`start`)."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop (see :meth:`stop`)."""
+        self.stop()
+
+
+class PerServer(StartStop):
     """A real Per-compatible HTTP server on loopback, with injectable faults.
 
     Every method is thread-safe and may be called while the server runs. The
@@ -745,19 +838,6 @@ class PerServer:
             self._call(self._shutdown())
         finally:
             self._halt()
-
-    def __enter__(self) -> PerServer:
-        """Start the server (see :meth:`start`)."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server (see :meth:`stop`)."""
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self._thread is not None else "stopped"
@@ -1096,22 +1176,13 @@ class PerServer:
             raise ValueError("give one of count, rate or seconds, not several")
         if retry_after is not None and ("\r" in retry_after or "\n" in retry_after):
             raise ValueError("retry_after must be a single header line")
-        if kind == "http":
-            if isinstance(status, bool) or not isinstance(status, int):
-                raise ValueError(f'kind "http" needs an int status, not {status!r}')
-            if not 200 <= status <= 599:
-                raise ValueError(f"status must be within 200..599, not {status!r}")
-            shape = "html" if body is None else body
-            if shape not in _FAULT_BODIES:
-                raise ValueError(f"body must be one of {_FAULT_BODIES}, not {body!r}")
-            response = _status_response(status, shape, message, retry_after)
-            key = f"http {status}"
-        else:
-            if status is not None or body is not None:
-                raise ValueError(f'status and body go with kind "http", not {kind!r}')
-            response = _fault_response(kind, retry_after, message)
-            key = kind
-        fault = _Fault(kind, retry_after, message, response)
+        fault, key = _new_fault(kind, retry_after, message, status, body)
+        self._arm(fault, key, count, rate, seconds)
+
+    def _arm(
+        self, fault: _Fault, key: str, count: int | None, rate: float | None, seconds: float | None
+    ) -> None:
+        """Put ``fault`` in force for the ``count``, ``rate`` or ``seconds`` of :meth:`inject`."""
         if seconds is not None:
             window = float(seconds)
             if not (math.isfinite(window) and window > 0.0):
@@ -1179,7 +1250,10 @@ class PerServer:
     def _api_request(
         self, method: bytes, target: bytes, authorization: bytes | None
     ) -> tuple[int, bytes, float]:
-        """Decide the fate of one API request (runs on the loop thread)."""
+        """Decide the fate of one API request (runs on the loop thread).
+
+        In order: the rate limiter, injected faults, the method, the path, the token.
+        """
         with self._changed:
             counters = self._counters
             counters["requests"] += 1
@@ -1187,77 +1261,98 @@ class PerServer:
             if self._spike_until is not None:
                 self._end_spike(time.monotonic())
             latency = self._latency
-            bucket = self._bucket
-            if bucket is not None:
-                wait = bucket.take(time.monotonic())
-                if wait > 0.0:
-                    counters["rate_limited"] += 1
-                    return _RESPOND, self._rate_limited(bucket, wait), latency
-            fault: _Fault | None = None
-            if self._count_left > 0:
-                self._count_left -= 1
-                fault = self._count_fault
-            else:
-                if self._timed_fault is not None:
-                    if time.monotonic() < self._timed_until:
-                        fault = self._timed_fault
-                    else:
-                        self._timed_fault = None
-                if fault is None and self._rate_faults:
-                    for rate, candidate in self._rate_faults.values():
-                        if self._rng.random() < rate:
-                            fault = candidate
-                            break
-            if fault is not None:
-                counters["fault_" + fault.kind] += 1
-                if fault.kind == "hang":
-                    return _HANG, b"", 0.0
-                if fault.kind == "drop":
-                    return _DROP, b"", 0.0
-                return _RESPOND, fault.response, latency
+            refused = self._limited_or_faulted(latency)
+            if refused is not None:
+                return refused
             if method != b"GET":
                 counters["method_not_allowed"] += 1
                 return _RESPOND, _R_405, latency
             path, _, query = target.partition(b"?")
             if path == b"/activities.add":
-                if authorization not in self._activity_auth:
-                    counters["auth_error"] += 1
-                    return _RESPOND, _R_401, latency
-                params = _params(query)
-                values: list[str] = []
-                for name in ("billingId", "userId", "activityTypeId"):
-                    value = params.get(name)
-                    if not value:
-                        counters["api_error"] += 1
-                        body = _json_body(
-                            {"ok": False, "message": "missing_parameter", "parameter": name}
-                        )
-                        return _RESPOND, _response(200, body), latency
-                    values.append(value)
-                billing, user, kind = values
-                stamp = float(self._clock()) + self._clock_offset
-                tid = "".join(self._id_rng.choices(_ID_ALPHABET, k=18))
-                users = self._index.get((kind, billing))
-                if users is None:
-                    users = self._index[(kind, billing)] = {}
-                stamps = users.get(user)
-                if stamps is None:
-                    users[user] = array("d", (stamp,))
-                elif stamps[-1] != stamp:
-                    stamps.append(stamp)
-                if self._keep_activities:
-                    self._activities.append(ReceivedActivity(billing, user, kind, stamp, tid))
-                self._accepted += 1
-                counters["ok"] += 1
-                return _RESPOND, _OK_HEAD + _OK_PREFIX + tid.encode() + _OK_SUFFIX, latency
-            if path == b"/reports.get":
-                if authorization not in self._reporting_auth:
-                    counters["auth_error"] += 1
-                    return _RESPOND, _R_401, latency
-            else:
+                return self._add_activity(query, authorization, latency)
+            if path != b"/reports.get":
                 counters["not_found"] += 1
                 return _RESPOND, _R_404, latency
+            if authorization not in self._reporting_auth:
+                counters["auth_error"] += 1
+                return _RESPOND, _R_401, latency
         # reports.get with a valid token: computed outside the hot lock section
+        return self._report_request(query, latency)
+
+    def _limited_or_faulted(self, latency: float) -> tuple[int, bytes, float] | None:
+        """The rate limiter's 429 or an injected fault's fate, else None (lock held)."""
+        counters = self._counters
+        bucket = self._bucket
+        if bucket is not None:
+            wait = bucket.take(time.monotonic())
+            if wait > 0.0:
+                counters["rate_limited"] += 1
+                return _RESPOND, self._rate_limited(bucket, wait), latency
+        fault = self._next_fault()
+        if fault is None:
+            return None
+        counters["fault_" + fault.kind] += 1
+        if fault.kind == "hang":
+            return _HANG, b"", 0.0
+        if fault.kind == "drop":
+            return _DROP, b"", 0.0
+        return _RESPOND, fault.response, latency
+
+    def _next_fault(self) -> _Fault | None:
+        """The fault this request gets: counted, then timed, then by rate (lock held)."""
+        if self._count_left > 0:
+            self._count_left -= 1
+            return self._count_fault
+        if self._timed_fault is not None:
+            if time.monotonic() < self._timed_until:
+                return self._timed_fault
+            self._timed_fault = None
+        for rate, candidate in self._rate_faults.values():
+            if self._rng.random() < rate:
+                return candidate
+        return None
+
+    def _add_activity(
+        self, query: bytes, authorization: bytes | None, latency: float
+    ) -> tuple[int, bytes, float]:
+        """Answer ``activities.add``: check the token and parameters, store (lock held)."""
+        counters = self._counters
+        if authorization not in self._activity_auth:
+            counters["auth_error"] += 1
+            return _RESPOND, _R_401, latency
+        params = _params(query)
+        values: list[str] = []
+        for name in ("billingId", "userId", "activityTypeId"):
+            value = params.get(name)
+            if not value:
+                counters["api_error"] += 1
+                body = _json_body({"ok": False, "message": "missing_parameter", "parameter": name})
+                return _RESPOND, _response(200, body), latency
+            values.append(value)
+        billing, user, kind = values
+        tid = self._store(billing, user, kind)
+        counters["ok"] += 1
+        return _RESPOND, _OK_HEAD + _OK_PREFIX + tid.encode() + _OK_SUFFIX, latency
+
+    def _store(self, billing: str, user: str, kind: str) -> str:
+        """Record one accepted activity at the server's time; return its transaction id."""
+        stamp = float(self._clock()) + self._clock_offset
+        tid = "".join(self._id_rng.choices(_ID_ALPHABET, k=18))
+        users = self._index.get((kind, billing))
+        if users is None:
+            users = self._index[(kind, billing)] = {}
+        stamps = users.get(user)
+        if stamps is None:
+            users[user] = array("d", (stamp,))
+        elif stamps[-1] != stamp:
+            stamps.append(stamp)
+        if self._keep_activities:
+            self._activities.append(ReceivedActivity(billing, user, kind, stamp, tid))
+        self._accepted += 1
+        return tid
+
+    def _report_request(self, query: bytes, latency: float) -> tuple[int, bytes, float]:
+        """Answer ``reports.get`` for an authorised request (without the lock held)."""
         params = _params(query)
         try:
             result = self.report(params.get("start"), params.get("end"))
@@ -1286,84 +1381,96 @@ class PerServer:
         return _response(200, _json_body(payload))
 
     async def _control_action(self, path: str, params: dict[str, str]) -> Any:
-        ok = {"ok": True}
-        if path == "/stats":
-            with self._lock:
-                counters = dict(self._counters)
-                accepted = self._accepted
-                unique = sum(len(users) for users in self._index.values())
-            return {"counters": counters, "unique": unique, "activities": accepted}
-        if path == "/report":
-            return self.report(params.get("start"), params.get("end"))
-        if path == "/inject":
-            count = params.get("count")
-            rate = params.get("rate")
-            seconds = params.get("seconds")
-            status = params.get("status")
-            body = params.get("body") or None
-            if body is not None and body not in _FAULT_BODIES:
-                raise ValueError(f"body must be one of {_FAULT_BODIES}, not {body!r}")
-            self.inject(
-                params.get("kind", ""),
-                count=int(count) if count else None,
-                rate=float(rate) if rate else None,
-                seconds=float(seconds) if seconds else None,
-                retry_after=params.get("retry_after") or None,
-                message=params.get("message") or "injected_failure",
-                status=int(status) if status else None,
-                body=cast(_FaultBody | None, body),
-            )
-            return ok
-        if path == "/clear":
-            with self._lock:
-                self._forget_faults()
-            await self._release()
-            return ok
-        if path == "/rate_limit":
-            rate = params.get("rate")
-            burst = params.get("burst")
-            form = params.get("retry_after") or "seconds"
-            if form not in _RETRY_AFTER_FORMS:
-                raise ValueError(f"retry_after must be one of {_RETRY_AFTER_FORMS}, not {form!r}")
-            self.set_rate_limit(
-                float(rate) if rate else None,
-                burst=int(burst) if burst else None,
-                retry_after=cast(_RetryAfterForm, form),
-            )
-            return ok
-        if path == "/outage":
-            await self._outage()
-            return ok
-        if path == "/recover":
-            await self._listen()
-            return ok
-        if path == "/framing":
-            self.set_framing(_check_framing(params.get("mode", "")))
-            return ok
-        if path == "/clock":
-            self.set_clock_offset(float(params.get("offset", "0") or "0"))
-            return ok
-        if path == "/latency":
-            duration = params.get("duration")
-            self.set_latency(
-                float(params.get("seconds", "0") or "0"),
-                float(duration) if duration else None,
-            )
-            return ok
-        if path == "/reset":
-            with self._changed:
-                self._forget_everything()
-            await self._release()
-            return ok
-        if path == "/tokens":
-            activity = params.get("activity")
-            reporting = params.get("reporting")
-            self.set_tokens(
-                activity_tokens=None if activity is None else activity.split(","),
-                reporting_tokens=None if reporting is None else reporting.split(","),
-            )
-            return ok
-        return None
+        """Run the control endpoint ``path``: its JSON payload, or None for an unknown path."""
+        action = _CONTROL_ACTIONS.get(path)
+        return None if action is None else await action(self, params)
+
+    async def _ctl_stats(self, params: dict[str, str]) -> Any:
+        with self._lock:
+            counters = dict(self._counters)
+            accepted = self._accepted
+            unique = sum(len(users) for users in self._index.values())
+        return {"counters": counters, "unique": unique, "activities": accepted}
+
+    async def _ctl_report(self, params: dict[str, str]) -> Any:
+        return self.report(params.get("start"), params.get("end"))
+
+    async def _ctl_inject(self, params: dict[str, str]) -> Any:
+        count = params.get("count")
+        rate = params.get("rate")
+        seconds = params.get("seconds")
+        status = params.get("status")
+        body = params.get("body") or None
+        if body is not None and body not in _FAULT_BODIES:
+            raise ValueError(f"body must be one of {_FAULT_BODIES}, not {body!r}")
+        self.inject(
+            params.get("kind", ""),
+            count=int(count) if count else None,
+            rate=float(rate) if rate else None,
+            seconds=float(seconds) if seconds else None,
+            retry_after=params.get("retry_after") or None,
+            message=params.get("message") or "injected_failure",
+            status=int(status) if status else None,
+            body=cast(_FaultBody | None, body),
+        )
+        return _OK
+
+    async def _ctl_clear(self, params: dict[str, str]) -> Any:
+        with self._lock:
+            self._forget_faults()
+        await self._release()
+        return _OK
+
+    async def _ctl_rate_limit(self, params: dict[str, str]) -> Any:
+        rate = params.get("rate")
+        burst = params.get("burst")
+        form = params.get("retry_after") or "seconds"
+        if form not in _RETRY_AFTER_FORMS:
+            raise ValueError(f"retry_after must be one of {_RETRY_AFTER_FORMS}, not {form!r}")
+        self.set_rate_limit(
+            float(rate) if rate else None,
+            burst=int(burst) if burst else None,
+            retry_after=cast(_RetryAfterForm, form),
+        )
+        return _OK
+
+    async def _ctl_outage(self, params: dict[str, str]) -> Any:
+        await self._outage()
+        return _OK
+
+    async def _ctl_recover(self, params: dict[str, str]) -> Any:
+        await self._listen()
+        return _OK
+
+    async def _ctl_framing(self, params: dict[str, str]) -> Any:
+        self.set_framing(_check_framing(params.get("mode", "")))
+        return _OK
+
+    async def _ctl_clock(self, params: dict[str, str]) -> Any:
+        self.set_clock_offset(float(params.get("offset", "0") or "0"))
+        return _OK
+
+    async def _ctl_latency(self, params: dict[str, str]) -> Any:
+        duration = params.get("duration")
+        self.set_latency(
+            float(params.get("seconds", "0") or "0"), float(duration) if duration else None
+        )
+        return _OK
+
+    async def _ctl_reset(self, params: dict[str, str]) -> Any:
+        with self._changed:
+            self._forget_everything()
+        await self._release()
+        return _OK
+
+    async def _ctl_tokens(self, params: dict[str, str]) -> Any:
+        activity = params.get("activity")
+        reporting = params.get("reporting")
+        self.set_tokens(
+            activity_tokens=None if activity is None else activity.split(","),
+            reporting_tokens=None if reporting is None else reporting.split(","),
+        )
+        return _OK
 
     # ------------------------------------------------------------------ loop plumbing
 
@@ -1532,6 +1639,27 @@ class PerServer:
         for conn in closing:
             conn.abort()
         await self._until_closed(closing)
+
+
+_OK: Final = {"ok": True}  # the payload of a control action that has nothing to say
+
+#: The control channel's endpoints (see :meth:`PerServer.serve_control`).
+_CONTROL_ACTIONS: Final[
+    dict[str, Callable[[PerServer, dict[str, str]], Coroutine[Any, Any, Any]]]
+] = {
+    "/stats": PerServer._ctl_stats,
+    "/report": PerServer._ctl_report,
+    "/inject": PerServer._ctl_inject,
+    "/clear": PerServer._ctl_clear,
+    "/rate_limit": PerServer._ctl_rate_limit,
+    "/outage": PerServer._ctl_outage,
+    "/recover": PerServer._ctl_recover,
+    "/framing": PerServer._ctl_framing,
+    "/clock": PerServer._ctl_clock,
+    "/latency": PerServer._ctl_latency,
+    "/reset": PerServer._ctl_reset,
+    "/tokens": PerServer._ctl_tokens,
+}
 
 
 # --------------------------------------------------------------------------- helpers
