@@ -318,6 +318,10 @@ class ExternalDelivery(DrainerDelivery):
     name = "external"
     spawns = False
 
+    def delivers_after_exit(self) -> bool:
+        """Delivery is someone else's: close() only writes to disk, never waits for it."""
+        return True
+
 
 def _is_drainer(pid: int) -> bool:
     """True when ``pid`` is a drainer process (never signal anything else)."""
