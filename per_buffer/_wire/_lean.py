@@ -79,6 +79,39 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _keep_alive(minor: bytes, headers: bytes) -> bool:
+    """May the connection be reused after this response (``minor``: HTTP/1.x's x)?"""
+    if b"\nconnection:" in headers:
+        tokens = _tokens(headers, b"\nconnection:")
+        if b"close" in tokens:
+            return False
+        if b"keep-alive" in tokens:
+            return True
+    return minor == b"1"
+
+
+def _framing(headers: bytes, keep: bool, max_body: int) -> tuple[int, int, bool]:
+    """``(state, Content-Length, keep)``: how the body after lower-cased ``headers`` ends.
+
+    Raises:
+        _Bad: a bad or disagreeing ``Content-Length``, or one over ``max_body``.
+    """
+    if b"\ntransfer-encoding:" in headers:
+        if _tokens(headers, b"\ntransfer-encoding:")[-1] != b"chunked":
+            return _TO_EOF, 0, False
+        # RFC 9112 6.3: with a Content-Length as well the framing was ambiguous: no reuse
+        return _CHUNK_SIZE, 0, keep and b"\ncontent-length:" not in headers
+    if b"\ncontent-length:" not in headers:
+        return _TO_EOF, 0, False
+    values = _tokens(headers, b"\ncontent-length:")
+    first = values[0]
+    if not first.isdigit() or any(value != first for value in values):
+        raise _Bad("protocol", f"bad Content-Length {bytes(first)[:40]!r}")
+    if len(first) > 15 or int(first) > max_body:
+        raise _Bad("too_large", f"response body of {int(first[:30])} bytes")
+    return _LENGTH, int(first), keep
+
+
 class _Conn(asyncio.Protocol):
     """One TCP (or TLS) connection of a :class:`LeanChannel` and its response parser."""
 
@@ -228,165 +261,179 @@ class _Conn(asyncio.Protocol):
             self.ch._lost(retry, _describe(exc))
 
     def _parse(self, data: bytes | bytearray) -> None:
-        """Consume ``data`` (the buffered bytes plus what arrived) as far as possible."""
+        """Consume ``data`` (the buffered bytes plus what arrived) as far as possible.
+
+        One step a parser state (``_STEPS``). A step returns None once it handed the
+        response over (the done callback may already have sent the next request on
+        this connection: nothing more is touched), else ``(pos, go_on)``: where it
+        stopped and whether the (new) state can go on or must wait for more bytes.
+        """
         pos = 0
-        total = len(data)
-        state = self.state
-        scan = self.scan
+        steps = self._STEPS
         while True:
-            if state == _HEAD_WAIT:
-                found = _HEAD_END.search(data, scan)  # from where the last search stopped
-                if found is None:
-                    if total - pos >= 5 and data[pos : pos + 5] != b"HTTP/":
-                        start = bytes(data[pos : pos + 40])
-                        raise _Bad("protocol", f"not an HTTP response: {start!r}")
-                    if total - pos > _MAX_HEAD:
-                        raise _Bad("too_large", f"response head exceeds {_MAX_HEAD} bytes")
-                    scan = max(pos, total - 2)
-                    break
-                end = found.end()
-                match = _HEAD.fullmatch(data, pos, end)
-                if match is None:
-                    line = bytes(data[pos : data.find(b"\n", pos)])[:80]
-                    raise _Bad("protocol", f"malformed response head (first line {line!r})")
-                status = int(match.group(2))
-                headers = match.group(3).lower()
-                keep = match.group(1) == b"1"
-                if b"\nconnection:" in headers:
-                    tokens = _tokens(headers, b"\nconnection:")
-                    if b"close" in tokens:
-                        keep = False
-                    elif b"keep-alive" in tokens:
-                        keep = True
-                if status < 200:
-                    if status == 101:
-                        raise _Bad("protocol", "unexpected 101 Switching Protocols")
-                    pos = scan = end  # an interim response: the real one follows
-                    continue
-                self.status = status
-                self.head = bytes(match.group(0))
-                pos = end
-                if status in (204, 304):
-                    self.keep = keep
-                    self._finish(data, pos, b"")
-                    return
-                if b"\ntransfer-encoding:" in headers:
-                    codings = _tokens(headers, b"\ntransfer-encoding:")
-                    if codings[-1] == b"chunked":
-                        state = _CHUNK_SIZE
-                        if b"\ncontent-length:" in headers:
-                            keep = False  # RFC 9112 6.3: framing was ambiguous
-                    else:
-                        state = _TO_EOF
-                        keep = False
-                elif b"\ncontent-length:" in headers:
-                    values = _tokens(headers, b"\ncontent-length:")
-                    first = values[0]
-                    if not first.isdigit() or any(value != first for value in values):
-                        raise _Bad("protocol", f"bad Content-Length {bytes(first)[:40]!r}")
-                    if len(first) > 15 or int(first) > self.ch._max_body:
-                        raise _Bad("too_large", f"response body of {int(first[:30])} bytes")
-                    self.remaining = int(first)
-                    state = _LENGTH
-                else:
-                    state = _TO_EOF
-                    keep = False
-                self.keep = keep
-                self.size = 0
-                self.parts = []
-                if state == _LENGTH:
-                    remaining = self.remaining
-                    if total - pos >= remaining:  # the common case: all in one segment
-                        self._finish(data, pos + remaining, bytes(data[pos : pos + remaining]))
-                        return
-            elif state == _LENGTH:
-                remaining = self.remaining
-                avail = total - pos
-                if avail >= remaining:
-                    self.parts.append(bytes(data[pos : pos + remaining]))
-                    self._finish(data, pos + remaining, b"".join(self.parts))
-                    return
-                self.parts.append(bytes(data[pos:]))
-                self.remaining = remaining - avail
-                pos = total
+            outcome = steps[self.state](self, data, pos)
+            if outcome is None:
+                return
+            pos, go_on = outcome
+            if not go_on:
                 break
-            elif state == _TO_EOF:
-                if pos < total:
-                    self.size += total - pos
-                    if self.size > self.ch._max_body:
-                        raise _Bad("too_large", f"response body over {self.ch._max_body} bytes")
-                    self.parts.append(bytes(data[pos:]))
-                    pos = total
-                break
-            elif state == _CHUNK_SIZE:
-                newline = data.find(b"\n", pos)
-                if newline < 0:
-                    if total - pos > _MAX_LINE:
-                        raise _Bad("protocol", "chunk-size line too long")
-                    break
-                size_text = bytes(data[pos:newline]).split(b";", 1)[0].strip()
-                if _HEX.fullmatch(size_text) is None:
-                    raise _Bad("protocol", f"bad chunk size {size_text[:40]!r}")
-                size = int(size_text, 16)
-                pos = newline + 1
-                if size == 0:
-                    state = _TRAILERS
-                    self.remaining = 0  # trailer bytes seen
-                    continue
-                if self.size + size > self.ch._max_body:
-                    raise _Bad("too_large", f"response body over {self.ch._max_body} bytes")
-                self.size += size
-                self.remaining = size
-                state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                remaining = self.remaining
-                avail = total - pos
-                if avail < remaining:
-                    if avail:
-                        self.parts.append(bytes(data[pos:]))
-                    self.remaining = remaining - avail
-                    pos = total
-                    break
-                self.parts.append(bytes(data[pos : pos + remaining]))
-                pos += remaining
-                state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if pos >= total:
-                    break
-                if data[pos] == 10:
-                    pos += 1
-                elif data[pos] == 13:
-                    if pos + 1 >= total:
-                        break
-                    if data[pos + 1] != 10:
-                        raise _Bad("protocol", "chunk data not followed by CRLF")
-                    pos += 2
-                else:
-                    raise _Bad("protocol", "chunk data longer than its size")
-                state = _CHUNK_SIZE
-            else:  # _TRAILERS
-                newline = data.find(b"\n", pos)
-                if newline < 0:
-                    if total - pos > _MAX_LINE:
-                        raise _Bad("protocol", "trailer line too long")
-                    break
-                trailer = data[pos:newline]
-                self.remaining += newline + 1 - pos
-                pos = newline + 1
-                if trailer in (b"", b"\r"):
-                    self._finish(data, pos, b"".join(self.parts))
-                    return
-                if b":" not in trailer:
-                    raise _Bad("protocol", f"malformed trailer {bytes(trailer)[:40]!r}")
-                if self.remaining > _MAX_HEAD:
-                    raise _Bad("too_large", f"trailers exceed {_MAX_HEAD} bytes")
         # Wait for more bytes: keep what was not consumed.
-        self.state = state
         if data is self.buf:
             del self.buf[:pos]
-        elif pos < total:
+        elif pos < len(data):
             self.buf = bytearray(data[pos:])
+        scan = self.scan
         self.scan = scan - pos if scan > pos else 0
+
+    def _idle_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_IDLE``: bytes nobody asked for (``data_received`` drops such a connection)."""
+        raise _Bad("protocol", "bytes while no request is in flight")
+
+    def _head_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_HEAD_WAIT``: find and check the response head; skip interim (1xx) responses."""
+        total = len(data)
+        found = _HEAD_END.search(data, self.scan)  # from where the last search stopped
+        if found is None:
+            if total - pos >= 5 and data[pos : pos + 5] != b"HTTP/":
+                start = bytes(data[pos : pos + 40])
+                raise _Bad("protocol", f"not an HTTP response: {start!r}")
+            if total - pos > _MAX_HEAD:
+                raise _Bad("too_large", f"response head exceeds {_MAX_HEAD} bytes")
+            self.scan = max(pos, total - 2)
+            return pos, False
+        end = found.end()
+        match = _HEAD.fullmatch(data, pos, end)
+        if match is None:
+            line = bytes(data[pos : data.find(b"\n", pos)])[:80]
+            raise _Bad("protocol", f"malformed response head (first line {line!r})")
+        status = int(match.group(2))
+        if status < 200:
+            if status == 101:
+                raise _Bad("protocol", "unexpected 101 Switching Protocols")
+            self.scan = end  # an interim response: the real one follows
+            return end, True
+        headers = match.group(3).lower()
+        keep = _keep_alive(match.group(1), headers)
+        self.status = status
+        self.head = bytes(match.group(0))
+        if status in (204, 304):
+            self.keep = keep
+            self._finish(data, end, b"")
+            return None
+        self.state, self.remaining, self.keep = _framing(headers, keep, self.ch._max_body)
+        self.size = 0
+        self.parts = []
+        return end, True
+
+    def _length_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_LENGTH``: a body of ``Content-Length`` bytes (often whole in this segment)."""
+        remaining = self.remaining
+        avail = len(data) - pos
+        if avail >= remaining:
+            body = bytes(data[pos : pos + remaining])
+            if self.parts:
+                self.parts.append(body)
+                body = b"".join(self.parts)
+            self._finish(data, pos + remaining, body)
+            return None
+        if avail:
+            self.parts.append(bytes(data[pos:]))
+        self.remaining = remaining - avail
+        return len(data), False
+
+    def _to_eof_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_TO_EOF``: a close-delimited body (:meth:`_ended` hands it over)."""
+        total = len(data)
+        if pos < total:
+            self.size += total - pos
+            if self.size > self.ch._max_body:
+                raise _Bad("too_large", f"response body over {self.ch._max_body} bytes")
+            self.parts.append(bytes(data[pos:]))
+        return total, False
+
+    def _chunk_size_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_CHUNK_SIZE``: a chunk-size line (extensions dropped); 0 starts the trailers."""
+        newline = data.find(b"\n", pos)
+        if newline < 0:
+            if len(data) - pos > _MAX_LINE:
+                raise _Bad("protocol", "chunk-size line too long")
+            return pos, False
+        size_text = bytes(data[pos:newline]).split(b";", 1)[0].strip()
+        if _HEX.fullmatch(size_text) is None:
+            raise _Bad("protocol", f"bad chunk size {size_text[:40]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            self.state = _TRAILERS
+            self.remaining = 0  # trailer bytes seen
+            return newline + 1, True
+        if self.size + size > self.ch._max_body:
+            raise _Bad("too_large", f"response body over {self.ch._max_body} bytes")
+        self.size += size
+        self.remaining = size
+        self.state = _CHUNK_DATA
+        return newline + 1, True
+
+    def _chunk_data_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_CHUNK_DATA``: the ``remaining`` bytes of the current chunk."""
+        remaining = self.remaining
+        avail = len(data) - pos
+        if avail < remaining:
+            if avail:
+                self.parts.append(bytes(data[pos:]))
+            self.remaining = remaining - avail
+            return len(data), False
+        self.parts.append(bytes(data[pos : pos + remaining]))
+        self.state = _CHUNK_END
+        return pos + remaining, True
+
+    def _chunk_end_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_CHUNK_END``: the CRLF (or bare LF) after chunk data."""
+        total = len(data)
+        if pos >= total:
+            return pos, False
+        if data[pos] == 10:
+            pos += 1
+        elif data[pos] == 13:
+            if pos + 1 >= total:
+                return pos, False
+            if data[pos + 1] != 10:
+                raise _Bad("protocol", "chunk data not followed by CRLF")
+            pos += 2
+        else:
+            raise _Bad("protocol", "chunk data longer than its size")
+        self.state = _CHUNK_SIZE
+        return pos, True
+
+    def _trailers_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
+        """``_TRAILERS``: trailer fields, read and dropped, up to the blank line."""
+        newline = data.find(b"\n", pos)
+        if newline < 0:
+            if len(data) - pos > _MAX_LINE:
+                raise _Bad("protocol", "trailer line too long")
+            return pos, False
+        trailer = data[pos:newline]
+        self.remaining += newline + 1 - pos
+        pos = newline + 1
+        if trailer in (b"", b"\r"):
+            self._finish(data, pos, b"".join(self.parts))
+            return None
+        if b":" not in trailer:
+            raise _Bad("protocol", f"malformed trailer {bytes(trailer)[:40]!r}")
+        if self.remaining > _MAX_HEAD:
+            raise _Bad("too_large", f"trailers exceed {_MAX_HEAD} bytes")
+        return pos, True
+
+    # The step of each parser state, indexed by the state's number.
+    _STEPS: Final = (
+        _idle_step,
+        _head_step,
+        _length_step,
+        _chunk_size_step,
+        _chunk_data_step,
+        _chunk_end_step,
+        _trailers_step,
+        _to_eof_step,
+    )
 
     def _finish(self, data: bytes | bytearray, pos: int, body: bytes) -> None:
         """A complete response ends at ``pos``: hand it over, keep or drop the connection."""
