@@ -7,7 +7,6 @@ import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from ..errors import QueueError
@@ -47,23 +46,12 @@ def inspect(path: str | os.PathLike[str]) -> QueueStats | None:
         number, gen = live[-1]
         meta, oldest, state = _read_live(gen, number)
         size = sum(max(0, file_size(gen / (DB_NAME + s))) for s in ("", "-wal", "-shm"))
-    return QueueStats(
-        pending=meta.pending,
-        in_flight=meta.inflight,
-        dead_lettered=meta.dead,
+    return meta.stats(
+        totals,
         oldest_pending_age=None if oldest is None else max(0.0, time.time() - oldest),
         bytes_on_disk=size,
-        dropped=MappingProxyType(dict(meta.dropped)),
         quarantined=0,
-        delivered=meta.delivered,
-        coalesced=meta.coalesced,
-        dead_lettered_total=meta.dead_total,
-        quarantines=totals.quarantines,
-        quarantined_entries=totals.quarantined_entries,
-        quarantines_uncounted=totals.quarantines_uncounted,
-        salvaged_entries=totals.salvaged_entries,
         generation=number,
-        failure_seq=meta.fseq,
         delivery_state=state,
     )
 

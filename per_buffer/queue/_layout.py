@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,19 +74,17 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
-def write_json_atomically(path: Path, value: object) -> None:
-    """Write ``value`` as JSON to ``path``: temporary file, fsync, rename, fsync the folder.
+def replace_file(path: Path, fill: Callable[[int], object]) -> None:
+    """Write ``path`` whole or not at all: ``fill(fd)`` a temporary file, then rename it.
 
     Raises:
-        OSError: the file could not be written (nothing is left half-written).
+        OSError: the file could not be written (the temporary file is removed).
     """
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(value, sort_keys=True).encode("utf-8")
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            fill(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -93,6 +92,21 @@ def write_json_atomically(path: Path, value: object) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def write_json_atomically(path: Path, value: object) -> None:
+    """Write ``value`` as JSON to ``path``: temporary file, fsync, rename, fsync the folder.
+
+    Raises:
+        OSError: the file could not be written (nothing is left half-written).
+    """
+    data = json.dumps(value, sort_keys=True).encode("utf-8")
+
+    def fill(fd: int) -> None:
+        os.write(fd, data)
+        os.fsync(fd)
+
+    replace_file(path, fill)
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -741,23 +741,12 @@ class DurableQueue:
             now = self._clock()
             meta = Counters.load(cache, self._storage.first_id)
             oldest = model.oldest_recorded(cache, meta)
-            return QueueStats(
-                pending=meta.pending,
-                in_flight=meta.inflight,
-                dead_lettered=meta.dead,
+            return meta.stats(
+                totals,
                 oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
                 bytes_on_disk=self._storage.bytes_on_disk(),
-                dropped=MappingProxyType(dict(meta.dropped)),
                 quarantined=self._storage.quarantined,
-                delivered=meta.delivered,
-                coalesced=meta.coalesced,
-                dead_lettered_total=meta.dead_total,
-                quarantines=totals.quarantines,
-                quarantined_entries=totals.quarantined_entries,
-                quarantines_uncounted=totals.quarantines_uncounted,
-                salvaged_entries=totals.salvaged_entries,
                 generation=self._storage.generation,
-                failure_seq=meta.fseq,
                 delivery_state=model.delivery_state(cache),
             )
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 from ..models import Activity
 from ._health import CorruptData
-from ._types import Entry
+from ._layout import Totals
+from ._types import Entry, QueueStats
 
 META_KEY: Final = "meta:counters"
 LEASES_KEY: Final = "meta:leases"
@@ -297,6 +300,37 @@ class Counters:
     def stored(self) -> int:
         """Entries stored: pending, in flight and dead."""
         return self.pending + self.inflight + self.dead
+
+    def stats(
+        self,
+        totals: Totals,
+        *,
+        oldest_pending_age: float | None,
+        bytes_on_disk: int,
+        quarantined: int,
+        generation: int,
+        delivery_state: Mapping[str, Any] | None,
+    ) -> QueueStats:
+        """The :class:`QueueStats` of these counters, the directory's ``totals`` and the rest."""
+        return QueueStats(
+            pending=self.pending,
+            in_flight=self.inflight,
+            dead_lettered=self.dead,
+            oldest_pending_age=oldest_pending_age,
+            bytes_on_disk=bytes_on_disk,
+            dropped=MappingProxyType(dict(self.dropped)),
+            quarantined=quarantined,
+            delivered=self.delivered,
+            coalesced=self.coalesced,
+            dead_lettered_total=self.dead_total,
+            quarantines=totals.quarantines,
+            quarantined_entries=totals.quarantined_entries,
+            quarantines_uncounted=totals.quarantines_uncounted,
+            salvaged_entries=totals.salvaged_entries,
+            generation=generation,
+            failure_seq=self.fseq,
+            delivery_state=delivery_state,
+        )
 
 
 # --------------------------------------------------------------------------- lease index

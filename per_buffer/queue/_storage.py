@@ -55,6 +55,7 @@ from ._layout import (
     generation_number,
     generations,
     read_totals,
+    replace_file,
     utc_stamp,
     write_totals,
 )
@@ -378,20 +379,16 @@ class Storage:
         path = self.directory / RESERVE_NAME
         if file_size(path) >= self._reserve_bytes:
             return
-        temp = path.with_name(f".{RESERVE_NAME}.{os.getpid()}.tmp")
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fd, 0, self._reserve_bytes)
-                else:
-                    os.write(fd, b"\0" * self._reserve_bytes)
-            finally:
-                os.close(fd)
-            os.replace(temp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+        size = self._reserve_bytes
+
+        def fill(fd: int) -> None:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.write(fd, b"\0" * size)
+
+        with contextlib.suppress(OSError):
+            replace_file(path, fill)
 
     def close(self) -> None:
         """Close the connection and the lock file; later :meth:`run` calls raise."""
