@@ -79,6 +79,18 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _line_end(data: bytes | bytearray, pos: int, what: str) -> int:
+    """Where the line starting at ``pos`` ends (its LF), or -1 while it is incomplete.
+
+    Raises:
+        _Bad: the incomplete line is already longer than ``_MAX_LINE``.
+    """
+    newline = data.find(b"\n", pos)
+    if newline < 0 and len(data) - pos > _MAX_LINE:
+        raise _Bad("protocol", f"{what} line too long")
+    return newline
+
+
 def _keep_alive(minor: bytes, headers: bytes) -> bool:
     """May the connection be reused after this response (``minor``: HTTP/1.x's x)?"""
     if b"\nconnection:" in headers:
@@ -353,10 +365,8 @@ class _Conn(asyncio.Protocol):
 
     def _chunk_size_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
         """``_CHUNK_SIZE``: a chunk-size line (extensions dropped); 0 starts the trailers."""
-        newline = data.find(b"\n", pos)
+        newline = _line_end(data, pos, "chunk-size")
         if newline < 0:
-            if len(data) - pos > _MAX_LINE:
-                raise _Bad("protocol", "chunk-size line too long")
             return pos, False
         size_text = bytes(data[pos:newline]).split(b";", 1)[0].strip()
         if _HEX.fullmatch(size_text) is None:
@@ -406,10 +416,8 @@ class _Conn(asyncio.Protocol):
 
     def _trailers_step(self, data: bytes | bytearray, pos: int) -> tuple[int, bool] | None:
         """``_TRAILERS``: trailer fields, read and dropped, up to the blank line."""
-        newline = data.find(b"\n", pos)
+        newline = _line_end(data, pos, "trailer")
         if newline < 0:
-            if len(data) - pos > _MAX_LINE:
-                raise _Bad("protocol", "trailer line too long")
             return pos, False
         trailer = data[pos:newline]
         self.remaining += newline + 1 - pos

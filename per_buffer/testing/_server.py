@@ -1416,10 +1416,7 @@ class PerServer(StartStop):
         return _OK
 
     async def _ctl_clear(self, params: dict[str, str]) -> Any:
-        with self._lock:
-            self._forget_faults()
-        await self._release()
-        return _OK
+        return await self._forget_and_release(self._forget_faults)
 
     async def _ctl_rate_limit(self, params: dict[str, str]) -> Any:
         rate = params.get("rate")
@@ -1458,8 +1455,12 @@ class PerServer(StartStop):
         return _OK
 
     async def _ctl_reset(self, params: dict[str, str]) -> Any:
+        return await self._forget_and_release(self._forget_everything)
+
+    async def _forget_and_release(self, forget: Callable[[], None]) -> Any:
+        """``forget()`` with the lock held, then close the connections of hanging requests."""
         with self._changed:
-            self._forget_everything()
+            forget()
         await self._release()
         return _OK
 
