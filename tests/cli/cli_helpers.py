@@ -11,6 +11,7 @@ from pathlib import Path
 from per_buffer import Activity
 from per_buffer.cli import main
 from per_buffer.queue import DurableQueue
+from per_buffer.testing import PerServer
 
 SCRIPT = Path(sys.executable).with_name("per-buffer")
 
@@ -36,6 +37,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def server_env(server: PerServer, **extra: str) -> dict[str, str]:
+    """:func:`clean_env` pointing at ``server`` with its activity token, plus ``extra``."""
+    return clean_env(PER_BASE_URL=server.url, PER_ACTIVITY_TOKEN=server.activity_token, **extra)
+
+
 def script(
     *argv: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -44,6 +50,12 @@ def script(
     return subprocess.run(
         [str(SCRIPT), *argv], capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
+
+
+def on_disk(directory: Path) -> int:
+    """Activities in the queue directory not delivered yet (pending or in flight)."""
+    with DurableQueue(directory) as queue:
+        return sum(queue.counts())
 
 
 def backlog(directory: Path, users: int, billing_id: str = "acme") -> None:

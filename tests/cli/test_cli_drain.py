@@ -8,15 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import SCRIPT, backlog, clean_env, run
+from cli_helpers import SCRIPT, backlog, on_disk, run, server_env
 
-from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
-
-
-def left(directory: Path) -> int:
-    with DurableQueue(directory) as queue:
-        return sum(queue.counts())
 
 
 def test_drain_delivers_a_backlog(
@@ -31,7 +25,7 @@ def test_drain_delivers_a_backlog(
     assert len(summary) == 1 and summary[0].startswith("delivered 40, ")
     assert "left 0" in summary[0] and "/s)" in summary[0] and str(directory) in summary[0]
     assert {a.user_id for a in env.activities} == {f"u{i}" for i in range(40)}
-    assert left(directory) == 0
+    assert on_disk(directory) == 0
     # without a terminal the final progress line is not printed twice
     final = [line for line in captured.err.splitlines() if "40/40" in line]
     assert len(final) <= 1, captured.err
@@ -45,7 +39,7 @@ def test_progress_shows_rate_and_eta_and_ends_once_without_a_terminal(
     directory = tmp_path / "q"
     backlog(directory, 120)
     server.set_latency(0.05)  # 4 senders at 50 ms: about 1.5 s, so several progress lines
-    env = clean_env(PER_BASE_URL=server.url, PER_ACTIVITY_TOKEN=server.activity_token)
+    env = server_env(server)
     done = subprocess.run(
         [str(SCRIPT), "drain", "--dir", str(directory), "--concurrency", "4"],
         capture_output=True,
@@ -76,7 +70,7 @@ def test_drain_fails_when_per_is_down(
     assert "Traceback" not in captured.err
     last = captured.err.strip().splitlines()[-1]  # after the progress lines
     assert last.startswith("per-buffer: error: 5 activities not delivered")
-    assert left(directory) == 5
+    assert on_disk(directory) == 5
 
 
 def test_drain_stops_at_once_when_the_token_is_refused(
@@ -95,7 +89,7 @@ def test_drain_stops_at_once_when_the_token_is_refused(
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("per-buffer: error: Per refused") and "PER_ACTIVITY_TOKEN" in last
     assert "Traceback" not in captured.err and "revoked" not in captured.err
-    assert left(directory) == 5
+    assert on_disk(directory) == 5
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -105,7 +99,7 @@ def test_interrupted_drain_says_how_many_are_left_and_where(
     directory = tmp_path / "q"
     backlog(directory, 7)
     server.outage()  # nothing can be delivered: the drain waits and retries
-    env = clean_env(PER_BASE_URL=server.url, PER_ACTIVITY_TOKEN=server.activity_token)
+    env = server_env(server)
     proc = subprocess.Popen(
         [str(SCRIPT), "drain", "--dir", str(directory), "--timeout", "60"],
         stdout=subprocess.PIPE,
@@ -130,4 +124,4 @@ def test_interrupted_drain_says_how_many_are_left_and_where(
         f"'per-buffer drain --dir {directory}' continues"
     )
     assert out == ""
-    assert left(directory) == 7
+    assert on_disk(directory) == 7

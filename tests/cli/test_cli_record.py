@@ -8,17 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cli_helpers import clean_env, one_error_line, run, script
+from cli_helpers import on_disk, one_error_line, run, script, server_env
 
-from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
 
 ARGS = ["record", "--billing-id", "acme", "--user-id", "u1", "--activity-type-id", "login"]
-
-
-def on_disk(directory: Path) -> int:
-    with DurableQueue(directory) as queue:
-        return sum(queue.counts())
 
 
 def read_only(mount_tmpfs: Callable[[str], Path]) -> Path:
@@ -77,11 +71,7 @@ def test_unreachable_per_is_queued_on_disk_and_exits_0(
 def test_a_file_as_queue_directory_is_lost_with_exit_3(server: PerServer, tmp_path: Path) -> None:
     a_file = tmp_path / "not-a-dir"
     a_file.write_text("x")
-    env = clean_env(
-        PER_BASE_URL=server.url,
-        PER_ACTIVITY_TOKEN=server.activity_token,
-        PER_BUFFER_DIR=str(a_file),
-    )
+    env = server_env(server, PER_BUFFER_DIR=str(a_file))
     done = script(*ARGS, env=env)
     assert done.returncode == 3 and done.stdout == ""
     line = one_error_line(done.stderr)
@@ -107,11 +97,7 @@ def test_a_read_only_cache_home_is_lost_with_exit_3(
     server: PerServer, mount_tmpfs: Callable[[str], Path]
 ) -> None:
     cache = read_only(mount_tmpfs)
-    env = clean_env(
-        PER_BASE_URL=server.url,
-        PER_ACTIVITY_TOKEN=server.activity_token,
-        XDG_CACHE_HOME=str(cache),
-    )
+    env = server_env(server, XDG_CACHE_HOME=str(cache))
     done = script(*ARGS, env=env)
     assert done.returncode == 3 and done.stdout == ""
     line = one_error_line(done.stderr)

@@ -6,16 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_error_line, run
+from cli_helpers import on_disk, one_error_line, run
 from quarantine_helpers import quarantine_garbage, quarantine_readable
 
 from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
-
-
-def pending(directory: Path) -> int:
-    with DurableQueue(directory) as queue:
-        return sum(queue.counts())
 
 
 def test_salvage_requeues_a_readable_quarantine_then_drain_delivers_it(
@@ -23,13 +18,13 @@ def test_salvage_requeues_a_readable_quarantine_then_drain_delivers_it(
 ) -> None:
     directory = tmp_path / "q"
     folder = quarantine_readable(directory, 6)
-    assert pending(directory) == 0
+    assert on_disk(directory) == 0
     assert run("salvage", str(folder)) == 0
     out = capsys.readouterr().out
     assert out.startswith(
         f"re-queued 6 entries from {folder} into {directory}; could not read: 0 entries\n"
     )
-    assert pending(directory) == 6
+    assert on_disk(directory) == 6
     assert run("salvage", str(folder)) == 2  # a second run would store them twice
     assert "--force" in one_error_line(capsys.readouterr().err)
     assert run("status", "--dir", str(directory), "--json") == 0
@@ -52,7 +47,7 @@ def test_salvage_into_another_directory_as_json(
     data = json.loads(capsys.readouterr().out)
     assert (data["requeued"], data["unreadable"]) == (3, 0)
     assert data["directory"] == str(live)
-    assert pending(live) == 3
+    assert on_disk(live) == 3
 
 
 def test_nothing_readable_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,7 +58,7 @@ def test_nothing_readable_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert captured.out == ""
     line = one_error_line(captured.err)
     assert "nothing was readable" in line and str(folder) in line
-    assert pending(directory) == 0
+    assert on_disk(directory) == 0
 
 
 def test_bad_paths_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

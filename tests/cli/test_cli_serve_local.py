@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 from collections.abc import Iterator
+from typing import IO
 
 import pytest
 from cli_helpers import SCRIPT, clean_env, one_error_line, run, script
@@ -23,18 +25,11 @@ def busy_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def test_serve_local_until_interrupted(closed_port: int) -> None:
+@contextlib.contextmanager
+def serve_local(*args: str) -> Iterator[tuple[subprocess.Popen[str], IO[str]]]:
+    """``per-buffer serve-local ARGS`` as a child and its stdout; killed if left running."""
     proc = subprocess.Popen(
-        [
-            str(SCRIPT),
-            "serve-local",
-            "--port",
-            str(closed_port),
-            "--activity-token",
-            "act",
-            "--reporting-token",
-            "rep",
-        ],
+        [str(SCRIPT), "serve-local", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,7 +37,17 @@ def test_serve_local_until_interrupted(closed_port: int) -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(8)]
+        yield proc, proc.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_local_until_interrupted(closed_port: int) -> None:
+    args = ("--port", str(closed_port), "--activity-token", "act", "--reporting-token", "rep")
+    with serve_local(*args) as (proc, stdout):
+        lines = [stdout.readline() for _ in range(8)]
         url = f"http://127.0.0.1:{closed_port}"
         assert f"export PER_BASE_URL={url}\n" in [line.lstrip() for line in lines]
         assert "export PER_ACTIVITY_TOKEN=act\n" in [line.lstrip() for line in lines]
@@ -50,10 +55,6 @@ def test_serve_local_until_interrupted(closed_port: int) -> None:
             assert client.add_activity("acme", "u1", "login")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0
     assert "Traceback" not in err and "1 activities accepted" in err
 
@@ -74,16 +75,8 @@ def test_a_port_in_use_is_one_line(busy_port: int) -> None:
 
 def _exports_of_one_start() -> list[str]:
     """Start ``serve-local`` with its defaults, read its export lines, stop it."""
-    proc = subprocess.Popen(
-        [str(SCRIPT), "serve-local"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
-    try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(9)]
+    with serve_local() as (proc, stdout):
+        lines = [stdout.readline() for _ in range(9)]
         if not any(lines):  # it exited at once: the port is taken on this machine
             _, err = proc.communicate(timeout=20)
             if f"port {DEFAULT_PORT} is in use" in err:
@@ -91,10 +84,6 @@ def _exports_of_one_start() -> list[str]:
             raise AssertionError(err)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0
     return [line.strip() for line in lines if "export " in line]
 
