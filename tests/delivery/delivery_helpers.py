@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from raw_per import RawPer, Reply
+
 from per_buffer import Recorder, RecorderStats
 from per_buffer.config import KNOBS
 from per_buffer.queue import DeadLetter, DurableQueue
@@ -39,6 +41,28 @@ def record_users(rec: Recorder, count: int, prefix: str = "u") -> list[str]:
     for user in users:
         rec.record("acme", user)
     return users
+
+
+def hanging_bounds_flush_and_close(
+    raw: RawPer, recorder: Callable[..., Recorder], count: int, **options: Any
+) -> tuple[list[str], Recorder]:
+    """``raw`` never answers: ``flush(timeout=1)`` and ``close(timeout=1)`` still end in time.
+
+    The recorder (``recorder(raw.url, **options)``) keeps the default request timeout
+    of 10 s. Returns the ``count`` users it recorded and the closed recorder.
+    """
+    raw.script = lambda hit: Reply(hang=True)
+    rec = recorder(raw.url, **options)
+    users = record_users(rec, count)
+    assert raw.wait_for(lambda server: len(server.hits) >= 1, timeout=5)
+    started = time.monotonic()
+    assert rec.flush(timeout=1) is False
+    assert time.monotonic() - started < 1.2
+    started = time.monotonic()
+    rec.close(timeout=1)
+    closed_in = time.monotonic() - started
+    assert closed_in < 1.5, closed_in
+    return users, rec
 
 
 def wait_stats(

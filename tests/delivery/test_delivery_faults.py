@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from delivery_helpers import dead_letters, record_users, wait_stats
+from delivery_helpers import dead_letters, hanging_bounds_flush_and_close, record_users, wait_stats
 from raw_per import Hit, RawPer, Reply, empty, html, ok, per_refusal
 
 from per_buffer import DeliveryFailure, Recorder
@@ -290,17 +290,7 @@ def test_bodies_in_several_segments_are_read_whole_and_sent_once(
 def test_a_server_that_never_answers_bounds_flush_and_close(
     raw: RawPer, recorder: MakeRecorder, tmp_path: Path
 ) -> None:
-    raw.script = lambda hit: Reply(hang=True)
-    rec = recorder(raw.url)  # the default request timeout: 10 s
-    users = record_users(rec, 30)
-    assert raw.wait_for(lambda server: len(server.hits) >= 1, timeout=5)
-    started = time.monotonic()
-    assert rec.flush(timeout=1) is False
-    assert time.monotonic() - started < 1.2
-    started = time.monotonic()
-    rec.close(timeout=1)
-    closed_in = time.monotonic() - started
-    assert closed_in < 1.5, closed_in
+    users, rec = hanging_bounds_flush_and_close(raw, recorder, 30)
     stats = rec.stats()
     assert stats.delivered == 0 and stats.dead_lettered == 0
     assert sum(stats.dropped.values()) == 0

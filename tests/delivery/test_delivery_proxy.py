@@ -7,12 +7,11 @@ a delivery that went through it shows both; one that bypassed it shows neither.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from delivery_helpers import record_users
+from delivery_helpers import hanging_bounds_flush_and_close, record_users
 from raw_per import Hit, RawPer, Reply, html, ok, per_refusal
 from test_wire_proxy import TinyProxy
 
@@ -137,17 +136,7 @@ def test_an_unreachable_proxy_is_a_network_error_and_loses_nothing(
 def test_a_hanging_origin_behind_the_proxy_bounds_flush_and_close(
     raw: RawPer, recorder: MakeRecorder, tinyproxy: TinyProxy
 ) -> None:
-    raw.script = lambda hit: Reply(hang=True)
-    rec = recorder(raw.url, proxy=tinyproxy.url)  # the default request timeout: 10 s
-    users = record_users(rec, 20)
-    assert raw.wait_for(lambda server: len(server.hits) >= 1, timeout=5)
-    started = time.monotonic()
-    assert rec.flush(timeout=1) is False
-    assert time.monotonic() - started < 1.2
-    started = time.monotonic()
-    rec.close(timeout=1)
-    closed_in = time.monotonic() - started
-    assert closed_in < 1.5, closed_in
+    users, _ = hanging_bounds_flush_and_close(raw, recorder, 20, proxy=tinyproxy.url)
     raw.script = lambda hit: ok()
     again = recorder(raw.url, proxy=tinyproxy.url)
     assert again.drain(timeout=10)

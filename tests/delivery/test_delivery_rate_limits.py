@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from delivery_helpers import make, record_users, wait_stats
@@ -70,6 +71,23 @@ class Gate:
             return ok()
 
 
+def delivered_through(
+    gate: Gate, raw: RawPer, recorder: MakeRecorder, count: int, timeout: float, **options: Any
+) -> tuple[Recorder, list[Hit]]:
+    """Record ``count`` users while ``gate`` answers (4 connections); all are delivered.
+
+    Asserts they all arrive within ``timeout`` seconds and that the gate's 429 came.
+    Returns the recorder and every request the server saw.
+    """
+    raw.script = gate
+    rec = recorder(raw.url, concurrency=4, **options)
+    users = record_users(rec, count)
+    assert rec.flush(timeout=timeout)
+    assert sorted(raw.accepted) == sorted(users)
+    assert gate.first is not None
+    return rec, raw.hits
+
+
 def requests_during(hits: list[Hit], start: float, end: float) -> list[Hit]:
     """Requests that arrived after ``start`` + in-flight slack and before ``end``."""
     return [hit for hit in hits if start + IN_FLIGHT_SLACK < hit.at < end - 0.02]
@@ -78,13 +96,8 @@ def requests_during(hits: list[Hit], start: float, end: float) -> list[Hit]:
 @pytest.mark.parametrize("form", ["delta", "http-date"])
 def test_retry_after_is_honoured_exactly(raw: RawPer, recorder: MakeRecorder, form: str) -> None:
     gate = Gate(10, form, 2)
-    raw.script = gate
-    rec = recorder(raw.url, concurrency=4, backoff_max=10.0)
-    users = record_users(rec, 60)
-    assert rec.flush(timeout=15)
-    assert sorted(raw.accepted) == sorted(users)
+    rec, hits = delivered_through(gate, raw, recorder, 60, timeout=15, backoff_max=10.0)
     assert gate.first is not None
-    hits = raw.hits
     early = requests_during(hits, gate.first.at, gate.end)
     assert early == [], f"{len(early)} requests during the pause"
     resumed = min(hit.at for hit in hits if hit.at >= gate.end - 0.02)
@@ -98,13 +111,8 @@ def test_a_day_long_retry_after_is_capped_at_backoff_max(
     raw: RawPer, recorder: MakeRecorder
 ) -> None:
     gate = Gate(5, "delta", 86400, window=IN_FLIGHT_SLACK)  # then healthy again
-    raw.script = gate
-    rec = recorder(raw.url, concurrency=4, backoff_max=2.0)
-    users = record_users(rec, 40)
-    assert rec.flush(timeout=10)
-    assert sorted(raw.accepted) == sorted(users)
+    _, hits = delivered_through(gate, raw, recorder, 40, timeout=10, backoff_max=2.0)
     assert gate.first is not None
-    hits = raw.hits
     t429 = gate.first.at
     resumed = min(hit.at for hit in hits if hit.at > t429 + IN_FLIGHT_SLACK)
     print(f"Retry-After 86400, backoff_max 2: resumed {resumed - t429:.2f} s after the 429")
