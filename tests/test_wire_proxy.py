@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from subprocess_helpers import terminate
 from test_wire import OK, TOKEN, UA, Peer, Responder, outcome, serve_forever
 
 from per_buffer._wire import (
@@ -221,12 +222,7 @@ class TinyProxy:
                 return self.log
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 @pytest.fixture

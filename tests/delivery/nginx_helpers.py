@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from subprocess_helpers import terminate
 
 #: Per's success answer as an nginx ``return`` argument.
 PER_OK = """'{"ok":true,"result":{"transactionId":"x"}}'"""
@@ -139,11 +140,6 @@ http {{
     def stop(self) -> None:
         """Fast shutdown (SIGTERM), then wait."""
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
