@@ -566,7 +566,7 @@ def _pending(directory: Path) -> tuple[int, int, float | None]:
 def _settle(directory: Path, limit: float) -> tuple[bool, float]:
     """Wait until the directory holds nothing undelivered; (drained, seconds waited)."""
     started = time.perf_counter()
-    time.sleep(0.05)  # the committers' last batches (commit_interval is 10 ms)
+    time.sleep(0.25)  # the committers' last batches (commit_interval is 100 ms)
     while True:
         left, _, _ = _pending(directory)
         if left == 0:

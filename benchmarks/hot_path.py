@@ -279,7 +279,7 @@ Key = tuple[str, str, str, int]  # label, durability, workload, threads
 
 SETTLE_SECONDS = 0.2
 #: Runs after which activities were still only in memory SETTLE_SECONDS later (the
-#: committer writes within commit_interval = 10 ms when it works).
+#: committer writes within commit_interval = 100 ms when it works).
 STALLS: list[dict[str, Any]] = []
 
 
@@ -827,7 +827,7 @@ def _report(
         idle_table.notes.append(
             f"COMMITTER STALLED after {len(STALLS)} run(s) (idle and draining phases): "
             f"activities were still only in memory {SETTLE_SECONDS:g} s after the run (up to "
-            f"{worst:,}; commit_interval is 0.01 s); record() never writes itself, so the "
+            f"{worst:,}; commit_interval is 0.1 s); record() never writes itself, so the "
             "batch waited in memory (bounded by memory_buffer)."
         )
     idle_table.notes += [

@@ -146,7 +146,8 @@ KNOBS: tuple[Knob, ...] = (
     _seconds(
         "commit_interval",
         "PER_BUFFER_COMMIT_INTERVAL",
-        "How long an activity may wait in memory in batched mode.",
+        "How long an activity may wait in memory in batched mode (or until the committer "
+        "gets the CPU); a crash within it loses it. Each commit costs a SQLite transaction.",
         low=0.0,
         high=60.0,
         strict=True,
@@ -377,7 +378,7 @@ class RecorderConfig:
     durability: Durability = "batched"
     delivery: Delivery = "process"
     drainer_nice: int = 10
-    commit_interval: float = 0.01
+    commit_interval: float = 0.1
     coalesce_window: float = 900.0
     coalesce_margin: float = 30.0
     coalesce_max_keys: int = 1_000_000

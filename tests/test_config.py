@@ -17,7 +17,7 @@ def resolve(**kwargs: object) -> RecorderConfig:
 def test_defaults() -> None:
     config = resolve(token="t", activity_type_id="login", directory="/tmp/x")
     assert config.durability == "batched"
-    assert config.commit_interval == 0.01
+    assert config.commit_interval == 0.1
     assert config.coalesce_window == 900
     assert config.concurrency == 8
     assert config.max_attempts == 3

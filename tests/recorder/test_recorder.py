@@ -19,6 +19,7 @@ import pytest
 
 import per_buffer
 from per_buffer import DeliveryFailure, PerAPIError, Recorder
+from per_buffer.config import RecorderConfig
 from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
 
@@ -427,6 +428,7 @@ def test_sigkill_then_new_recorder_delivers_everything(
     server.outage()  # the child cannot deliver anything: all of it must survive on disk
     log_path = tmp_path / "recorded.log"
     directory = tmp_path / "q"
+    interval = RecorderConfig.commit_interval  # the batched window the README promises
     child = subprocess.Popen(
         [
             sys.executable,
@@ -439,17 +441,19 @@ def test_sigkill_then_new_recorder_delivers_everything(
         ]
     )
     try:
+        # wait until well over 500 calls are older than the batched window
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if log_path.exists() and log_path.stat().st_size > 20_000:
-                break
+                first = log_path.read_text().split("\n", 1)[0].split()
+                if len(first) == 2 and time.time() > float(first[1]) + 2 * interval + 0.5:
+                    break
             time.sleep(0.02)
         killed_at = time.time()
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait(10)
     lines = [ln.split() for ln in log_path.read_text().splitlines() if ln.count(" ") == 1]
-    interval = 0.01
     must = {
         f"user-{i}" for i, ts in lines if durability == "sync" or float(ts) < killed_at - interval
     }
@@ -464,6 +468,8 @@ def test_sigkill_then_new_recorder_delivers_everything(
 def test_atexit_flush_in_subprocess(server: PerServer, tmp_path: Path) -> None:
     done = run_child("exit", server.url, str(tmp_path / "q"), "120", "exiting")
     assert done.returncode == 0, done.stderr
+    # the exit handler wrote the batch; the drainer it started delivers after the exit
+    server.wait_for_activities(120, timeout=30)
     assert delivered_users(server) == {f"exiting-{i}" for i in range(120)}
 
 
