@@ -13,6 +13,7 @@ Each mode gives the recorder the same few operations and the figures for its sta
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,8 @@ _CHECK_EVERY = 1.0  # seconds between looks for a live drainer
 _FLUSH_TOUCH = 0.5  # seconds between flush requests while a flush waits
 _WAIT_STEP = 0.02
 _SPAWN_EXISTS = 0.5  # seconds close() waits for a drainer being started to exist
+_HANDOVER = "handover.json"  # a newer recorder made the drainer step down: it starts the next
+_HANDOVER_FOR = 10.0  # seconds older recorders leave the next start to that newer one
 
 
 def _no_failures() -> Mapping[str, int]:
@@ -203,7 +206,7 @@ class DrainerDelivery(DeliveryMode):
         spawning = self._spawning
         if spawning is not None and spawning.is_alive():
             return
-        if drainer_running(self._directory):
+        if drainer_running(self._directory) or self._defers():
             return
         python = self._python
         options = self._options()
@@ -213,6 +216,23 @@ class DrainerDelivery(DeliveryMode):
         )
         self._spawning = thread
         thread.start()
+
+    def _defers(self) -> bool:
+        """True while a newer recorder with other settings took the directory over: it
+        starts the next drainer (two recorders would otherwise take turns replacing each
+        other's); after ``_HANDOVER_FOR`` seconds without one, anybody may."""
+        try:
+            handover = json.loads((self._directory / _HANDOVER).read_text())
+            created_at = float(handover["created_at"])
+            at = float(handover["at"])
+            fingerprint = handover["fingerprint"]
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
+        return (
+            created_at > self._created_at
+            and fingerprint != self._options().fingerprint
+            and 0 <= time.time() - at < _HANDOVER_FOR
+        )
 
     def check(self) -> None:
         now = time.monotonic()
@@ -274,6 +294,13 @@ class DrainerDelivery(DeliveryMode):
         if pid == self._handed_over or not _is_drainer(pid):
             return
         self._handed_over = pid
+        handover = {
+            "created_at": self._created_at,
+            "at": time.time(),
+            "fingerprint": options.fingerprint,
+        }
+        with contextlib.suppress(OSError):
+            (self._directory / _HANDOVER).write_text(json.dumps(handover))
         logger.warning(
             "per_buffer: the drainer of %s (pid %d) runs with other settings (token, URL or "
             "proxy); it steps down for this recorder's",
