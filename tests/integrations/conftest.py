@@ -39,6 +39,18 @@ def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
 
 
 @pytest.fixture
+def per_env(server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PerServer:
+    """The environment points at ``server`` and a queue directory ``tmp_path / "q"``.
+
+    The test sets the activity type it wants (``PER_ACTIVITY_TYPE_ID``).
+    """
+    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)
+    monkeypatch.setenv("PER_BASE_URL", server.url)
+    monkeypatch.setenv("PER_BUFFER_DIR", str(tmp_path / "q"))
+    return server
+
+
+@pytest.fixture
 def busy(server: PerServer, tmp_path: Path) -> Iterator[Recorder]:
     """A recorder that recorded 3 activities, coalesced 1 and delivered 2."""
     rec = Recorder(server.activity_token, "login", directory=tmp_path / "q", base_url=server.url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -9,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
+from per_buffer import Recorder, RecorderStats
 from per_buffer.drainer import drainer_running
 from per_buffer.queue import DurableQueue
 from per_buffer.testing import PerServer
@@ -24,6 +27,23 @@ README = ROOT / "README.md"
 
 #: (billing_id, user_id, activity_type_id)
 Key = tuple[str, str, str]
+
+#: The stats of a recorder with nothing wrong (``dataclasses.replace`` it to make trouble).
+CALM = RecorderStats(
+    recorded=10,
+    coalesced=2,
+    enqueued=8,
+    delivered=8,
+    retried=0,
+    dead_lettered=0,
+    dropped={},
+    pending=0,
+    in_flight=0,
+    oldest_pending_age=None,
+    paused_until=None,
+    pause_reason=None,
+    last_error=None,
+)
 
 
 def require(module: str) -> ModuleType:
@@ -64,6 +84,36 @@ def readme_example(region: str, first_line: str) -> str:
     found = [block for block in blocks if block.startswith(first_line)]
     assert len(found) == 1, f"expected one README example starting {first_line!r}: {found}"
     return found[0]
+
+
+def holding_recorder(
+    server: PerServer, directory: Path, activity_type_id: str, **options: Any
+) -> Recorder:
+    """A recorder for ``server`` whose activities stay in memory until a flush or close."""
+    return Recorder(
+        server.activity_token,
+        activity_type_id,
+        directory=directory,
+        base_url=server.url,
+        commit_interval=30.0,
+        **options,
+    )
+
+
+@contextlib.contextmanager
+def refused_recorder(directory: Path) -> Iterator[Recorder]:
+    """A recorder whose token Per refuses, paused for ``auth`` with one activity pending.
+
+    Its server runs until the block ends; the recorder is closed at once then.
+    """
+    with PerServer(activity_tokens=["the-real-token-123"]) as per:
+        rec = Recorder("a-revoked-token-456", "login", directory=directory, base_url=per.url)
+        try:
+            rec.record("acme-corp", "u1")
+            wait_until(lambda: rec.stats().pause_reason == "auth", 10, "the auth pause")
+            yield rec
+        finally:
+            rec.close(0)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_helpers import delivered_soon, on_disk, require
+from integration_helpers import delivered_soon, holding_recorder, on_disk, require
 
 import per_buffer
 from per_buffer import Recorder
@@ -32,14 +32,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 
 def make_recorder(server: PerServer, directory: Path, **options: Any) -> Recorder:
-    return Recorder(
-        server.activity_token,
-        "api-call",
-        directory=directory,
-        base_url=server.url,
-        commit_interval=30.0,  # activities stay in memory until a flush or close
-        **options,
-    )
+    return holding_recorder(server, directory, "api-call", **options)
 
 
 def header_who(scope: Any) -> tuple[str, str] | None:
@@ -84,13 +77,11 @@ def test_fastapi_with_its_own_lifespan_closes_after_the_apps_shutdown_code(
     assert rec.stats().dropped == {"closed": 1}  # closed by the lifespan shutdown
 
 
+@pytest.mark.usefixtures("per_env")
 def test_starlette_add_middleware_and_the_default_recorder(
-    server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: PerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)
-    monkeypatch.setenv("PER_BASE_URL", server.url)
     monkeypatch.setenv("PER_ACTIVITY_TYPE_ID", "api-call")
-    monkeypatch.setenv("PER_BUFFER_DIR", str(tmp_path / "q"))
     monkeypatch.setenv("PER_BUFFER_COMMIT_INTERVAL", "30")
 
     async def home(_request: Any) -> PlainTextResponse:

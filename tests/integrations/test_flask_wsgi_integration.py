@@ -44,12 +44,10 @@ def per_config(server: PerServer, directory: Path) -> dict[str, Any]:
     }
 
 
+@pytest.mark.usefixtures("per_env")
 def test_the_readme_app_records_through_who_and_in_views(
-    server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: PerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)
-    monkeypatch.setenv("PER_BASE_URL", server.url)
-    monkeypatch.setenv("PER_BUFFER_DIR", str(tmp_path / "q"))
     monkeypatch.setenv("PER_ACTIVITY_TYPE_ID", "from-the-environment")  # app.config wins
     namespace: dict[str, Any] = {"__name__": "readme_flask_app"}
     exec(readme_example("integrations", "# app.py: gunicorn"), namespace)

@@ -7,28 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_helpers import readme_example, require, wait_until
+from integration_helpers import CALM, readme_example, refused_recorder, require, wait_until
 
 import per_buffer
-from per_buffer import Recorder, RecorderStats
 from per_buffer.health import Health, health
 from per_buffer.testing import PerServer
-
-CALM = RecorderStats(
-    recorded=10,
-    coalesced=2,
-    enqueued=8,
-    delivered=8,
-    retried=0,
-    dead_lettered=0,
-    dropped={},
-    pending=0,
-    in_flight=0,
-    oldest_pending_age=None,
-    paused_until=None,
-    pause_reason=None,
-    last_error=None,
-)
 
 
 def test_all_well_is_ok() -> None:
@@ -98,27 +81,17 @@ def test_bad_arguments() -> None:
 
 
 def test_a_recorder_refused_by_per_is_failing(tmp_path: Path) -> None:
-    with PerServer(activity_tokens=["the-real-token-123"]) as per:
-        rec = Recorder("a-revoked-token-456", "login", directory=tmp_path, base_url=per.url)
-        try:
-            rec.record("acme-corp", "u1")
-            wait_until(lambda: rec.stats().pause_reason == "auth", 10, "the auth pause")
-            verdict = health(rec.stats())
-            assert isinstance(verdict, Health)
-            assert (verdict.ok, verdict.status, verdict.pause_reason) == (False, "failing", "auth")
-            assert verdict.pending == 1
-        finally:
-            rec.close(0)
+    with refused_recorder(tmp_path) as rec:
+        verdict = health(rec.stats())
+        assert isinstance(verdict, Health)
+        assert (verdict.ok, verdict.status, verdict.pause_reason) == (False, "failing", "auth")
+        assert verdict.pending == 1
 
 
-def test_the_readme_readiness_endpoint(
-    server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("per_env")
+def test_the_readme_readiness_endpoint(server: PerServer, monkeypatch: pytest.MonkeyPatch) -> None:
     require("flask")
-    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)
-    monkeypatch.setenv("PER_BASE_URL", server.url)
     monkeypatch.setenv("PER_ACTIVITY_TYPE_ID", "login")
-    monkeypatch.setenv("PER_BUFFER_DIR", str(tmp_path / "q"))
     namespace: dict[str, Any] = {"__name__": "readme_ready"}
     exec(readme_example("metrics", "import per_buffer\nfrom flask import Flask"), namespace)
     client = namespace["app"].test_client()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from integration_helpers import delivered_soon, on_disk, require
+from integration_helpers import delivered_soon, holding_recorder, on_disk, require
 
 from per_buffer import Recorder
 from per_buffer.integrations import celery as per_celery
@@ -20,14 +20,7 @@ from per_buffer.testing import PerServer
 
 
 def recorder(server: PerServer, directory: Path, **options: Any) -> Recorder:
-    return Recorder(
-        server.activity_token,
-        "login",
-        directory=directory,
-        base_url=server.url,
-        commit_interval=30.0,
-        **options,
-    )
+    return holding_recorder(server, directory, "login", **options)
 
 
 def arbiter(graceful_timeout: float) -> SimpleNamespace:

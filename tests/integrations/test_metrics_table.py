@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 
-from integration_helpers import readme_region
+from integration_helpers import CALM, readme_region
 
 from per_buffer import RecorderStats
 from per_buffer.metrics import METRICS, NOT_EXPORTED, Metric, Point, points, rows
@@ -53,20 +53,14 @@ def test_names_follow_each_ecosystem() -> None:
 
 
 def test_points_of_each_kind_of_value() -> None:
-    stats = RecorderStats(
+    stats = replace(
+        CALM,
         recorded=3,
         coalesced=1,
         enqueued=2,
         delivered=2,
-        retried=0,
-        dead_lettered=0,
         dropped={"closed": 4, "queue_full": 1},
-        pending=0,
-        in_flight=0,
-        oldest_pending_age=None,
-        paused_until=None,
         pause_reason="rate_limited",
-        last_error=None,
     )
     found = {m.field: p for m, p in rows(stats)}
     assert found["recorded"] == [Point({}, 3.0)]

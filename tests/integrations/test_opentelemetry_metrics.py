@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,13 +61,11 @@ def test_opentelemetry_instruments_read_stats(busy: Recorder) -> None:
         provider.shutdown()
 
 
+@pytest.mark.usefixtures("per_env")
 def test_the_readme_opentelemetry_example(
-    server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: PerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)
-    monkeypatch.setenv("PER_BASE_URL", server.url)
     monkeypatch.setenv("PER_ACTIVITY_TYPE_ID", "login")
-    monkeypatch.setenv("PER_BUFFER_DIR", str(tmp_path / "q"))
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     metrics.set_meter_provider(provider)  # the "OpenTelemetry set-up" the example assumes

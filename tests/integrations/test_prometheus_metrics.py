@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from integration_helpers import readme_example, require, wait_until
+from integration_helpers import readme_example, refused_recorder, require
 
 import per_buffer
 from per_buffer import Recorder
@@ -63,23 +63,17 @@ def test_prometheus_scrape_has_every_metric_with_its_value(busy: Recorder) -> No
 
 
 def test_prometheus_pause_reason_and_units_in_openmetrics(tmp_path: Path) -> None:
-    with PerServer(activity_tokens=["another-token-entirely"]) as refusing:
-        rec = Recorder("not-the-servers-token", "login", directory=tmp_path, base_url=refusing.url)
-        try:
-            rec.record("acme-corp", "u1")
-            wait_until(lambda: rec.stats().pause_reason == "auth", 10, "the auth pause")
-            registry = prometheus_client.CollectorRegistry()
-            registry.register(PerBufferCollector(rec))
-            families = scrape(registry)
-            assert sample(families, "per_buffer_paused", reason="auth") == 1
-            assert sample(families, "per_buffer_paused", reason="rate_limited") == 0
-            assert sample(families, "per_buffer_paused_until_timestamp_seconds") > time.time()
-            assert sample(families, "per_buffer_queue_pending") == 1
-            text = openmetrics(registry).decode()
-            assert "# UNIT per_buffer_oldest_pending_age_seconds seconds" in text
-            assert "# UNIT per_buffer_queue_bytes bytes" in text
-        finally:
-            rec.close(0)
+    with refused_recorder(tmp_path) as rec:
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PerBufferCollector(rec))
+        families = scrape(registry)
+        assert sample(families, "per_buffer_paused", reason="auth") == 1
+        assert sample(families, "per_buffer_paused", reason="rate_limited") == 0
+        assert sample(families, "per_buffer_paused_until_timestamp_seconds") > time.time()
+        assert sample(families, "per_buffer_queue_pending") == 1
+        text = openmetrics(registry).decode()
+        assert "# UNIT per_buffer_oldest_pending_age_seconds seconds" in text
+        assert "# UNIT per_buffer_queue_bytes bytes" in text
 
 
 def test_prometheus_skips_a_row_the_stats_lack_and_survives_a_failing_recorder(
@@ -101,13 +95,9 @@ def test_prometheus_skips_a_row_the_stats_lack_and_survives_a_failing_recorder(
     assert any("stats() failed" in r.getMessage() for r in per_logs.records)
 
 
-def test_the_readme_prometheus_example(
-    server: PerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PER_ACTIVITY_TOKEN", server.activity_token)
-    monkeypatch.setenv("PER_BASE_URL", server.url)
+@pytest.mark.usefixtures("per_env")
+def test_the_readme_prometheus_example(server: PerServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PER_ACTIVITY_TYPE_ID", "login")
-    monkeypatch.setenv("PER_BUFFER_DIR", str(tmp_path / "q"))
     code = readme_example("metrics", "from prometheus_client import REGISTRY")
     code = code.replace("start_http_server(9464)", "port = start_http_server(0)")
     namespace: dict[str, Any] = {}
