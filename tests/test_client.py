@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -52,6 +52,7 @@ class AsyncFacade:
 
 
 Factory = Callable[..., Any]
+E = TypeVar("E", bound=BaseException)
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -70,6 +71,12 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Factory]:
     yield factory
     for client in made:
         client.close()
+
+
+@pytest.fixture
+def client(server: PerServer, make_client: Factory) -> Any:
+    """A client of ``server`` with its activity token (each twin in turn)."""
+    return make_client(TOKEN, base_url=server.url)
 
 
 # --------------------------------------------------------------------------- success
@@ -149,81 +156,59 @@ def test_401_is_auth_error(server: PerServer, make_client: Factory) -> None:
     assert server.activities == []
 
 
-def test_ok_false_is_api_error_with_message(server: PerServer, make_client: Factory) -> None:
-    server.inject("ok_false", count=1, message="activity_type_not_found")
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerAPIError) as info:
+def refusal(server: PerServer, client: Any, kind: str, expected: type[E], **fault: Any) -> E:
+    """The error ``client.add_activity`` raises after ``server.inject(kind, count=1, **fault)``."""
+    server.inject(kind, count=1, **fault)
+    with pytest.raises(expected) as info:
         client.add_activity("acme", "u1", "login")
-    assert info.value.message == "activity_type_not_found"
-    assert info.value.retryable is False
-    assert not isinstance(info.value, PerAuthError)
+    return info.value
 
 
-def test_ok_false_invalid_auth_token_with_200_is_auth_error(
-    server: PerServer, make_client: Factory
+def test_ok_false_is_api_error_with_message(server: PerServer, client: Any) -> None:
+    error = refusal(server, client, "ok_false", PerAPIError, message="activity_type_not_found")
+    assert error.message == "activity_type_not_found"
+    assert error.retryable is False
+    assert not isinstance(error, PerAuthError)
+
+
+def test_ok_false_invalid_auth_token_with_200_is_auth_error(server: PerServer, client: Any) -> None:
+    refusal(server, client, "ok_false", PerAuthError, message="invalid_auth_token")
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"),
+    [("7", 7.0, 7.0), ("a date 120 s ahead", 100.0, 121.0), (None, None, None)],
+)
+def test_429_with_or_without_retry_after(
+    server: PerServer, client: Any, retry_after: str | None, low: float | None, high: float | None
 ) -> None:
-    server.inject("ok_false", count=1, message="invalid_auth_token")
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerAuthError):
-        client.add_activity("acme", "u1", "login")
+    if retry_after == "a date 120 s ahead":
+        retry_after = email.utils.formatdate(time.time() + 120, usegmt=True)
+    error = refusal(server, client, "429", PerRateLimitError, retry_after=retry_after)
+    assert error.retryable is True
+    assert error.status_code == 429
+    if low is None or high is None:
+        assert error.retry_after is None
+    else:
+        assert error.retry_after is not None
+        assert low <= error.retry_after <= high
 
 
-def test_429_with_retry_after_seconds(server: PerServer, make_client: Factory) -> None:
-    server.inject("429", count=1, retry_after="7")
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerRateLimitError) as info:
-        client.add_activity("acme", "u1", "login")
-    assert info.value.retryable is True
-    assert info.value.retry_after == 7.0
-    assert info.value.status_code == 429
-
-
-def test_429_with_retry_after_http_date(server: PerServer, make_client: Factory) -> None:
-    when = email.utils.formatdate(time.time() + 120, usegmt=True)
-    server.inject("429", count=1, retry_after=when)
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerRateLimitError) as info:
-        client.add_activity("acme", "u1", "login")
-    assert info.value.retry_after is not None
-    assert 100 <= info.value.retry_after <= 121
-
-
-def test_429_without_retry_after(server: PerServer, make_client: Factory) -> None:
-    server.inject("429", count=1)
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerRateLimitError) as info:
-        client.add_activity("acme", "u1", "login")
-    assert info.value.retry_after is None
-
-
-def test_503_html_page_is_retryable_transport_error(
-    server: PerServer, make_client: Factory
+@pytest.mark.parametrize(("kind", "status"), [("503", 503), ("non_json", 200)])
+def test_an_html_page_is_a_retryable_transport_error(
+    server: PerServer, client: Any, kind: str, status: int
 ) -> None:
-    server.inject("503", count=1)
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerTransportError) as info:
-        client.add_activity("acme", "u1", "login")
-    assert info.value.retryable is True
-    assert info.value.status_code == 503
+    """A 503 error page, or Per's 200 with an HTML body (a maintenance page)."""
+    error = refusal(server, client, kind, PerTransportError)
+    assert error.retryable is True
+    assert error.status_code == status
     assert server.activities == []
     client.add_activity("acme", "u1", "login")  # the next request goes through
     assert len(server.activities) == 1
 
 
-def test_200_with_html_body_is_transport_error(server: PerServer, make_client: Factory) -> None:
-    server.inject("non_json", count=1)
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerTransportError) as info:
-        client.add_activity("acme", "u1", "login")
-    assert info.value.retryable is True
-    assert info.value.status_code == 200
-
-
-def test_dropped_connection_is_transport_error(server: PerServer, make_client: Factory) -> None:
-    server.inject("drop", count=1)
-    client = make_client(TOKEN, base_url=server.url)
-    with pytest.raises(PerTransportError):
-        client.add_activity("acme", "u1", "login")
+def test_dropped_connection_is_transport_error(server: PerServer, client: Any) -> None:
+    refusal(server, client, "drop", PerTransportError)
 
 
 def test_hanging_server_times_out(server: PerServer, make_client: Factory) -> None:
