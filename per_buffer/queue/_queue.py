@@ -415,18 +415,13 @@ class DurableQueue:
         if not wanted:
             return 0
 
-        def txn(cache: Any) -> int:
-            meta = Counters.load(cache, self._storage.first_id)
-            gone = model.detach(cache, meta, claim.lease_id, wanted)
-            if gone:
-                meta.bytes -= rows_size(gone)
-                meta.delivered += len(gone)
-                if coalesced:
-                    meta.coalesced += len(gone)
-                meta.save(cache)
-            return len(gone)
+        def settle(cache: Any, meta: Counters, gone: list[list[Any]]) -> None:
+            meta.bytes -= rows_size(gone)
+            meta.delivered += len(gone)
+            if coalesced:
+                meta.coalesced += len(gone)
 
-        return self._run("ack", txn, frees_space=True)
+        return self._settle("ack", claim, wanted, settle)
 
     def release(
         self,
@@ -457,11 +452,7 @@ class DurableQueue:
         ready_ms = not_before_ms(float(not_before))
         text = None if error is None else str(error)[:MAX_TEXT]
 
-        def txn(cache: Any) -> int:
-            meta = Counters.load(cache, self._storage.first_id)
-            gone = model.detach(cache, meta, claim.lease_id, wanted)
-            if not gone:
-                return 0
+        def settle(cache: Any, meta: Counters, gone: list[list[Any]]) -> None:
             for row in gone:
                 count_row_attempt(row, refused=refused, failed=failed)
                 if text is not None:
@@ -470,10 +461,8 @@ class DurableQueue:
             meta.pending += len(gone)
             if failed:
                 model.log_failures(cache, meta, [row_key(row) for row in gone])
-            meta.save(cache)
-            return len(gone)
 
-        return self._run("release", txn, frees_space=True)
+        return self._settle("release", claim, wanted, settle)
 
     def dead_letter(
         self,
@@ -498,19 +487,13 @@ class DurableQueue:
             return 0
         text = str(reason)[:MAX_TEXT]
 
-        def txn(cache: Any) -> int:
-            meta = Counters.load(cache, self._storage.first_id)
-            gone = model.detach(cache, meta, claim.lease_id, wanted)
-            if not gone:
-                return 0
+        def settle(cache: Any, meta: Counters, gone: list[list[Any]]) -> None:
             for row in gone:
                 count_row_attempt(row, refused=refused, failed=failed)
             model.add_dead_record(cache, meta, text, self._clock(), gone)
             model.log_failures(cache, meta, [row_key(row) for row in gone])
-            meta.save(cache)
-            return len(gone)
 
-        return self._run("dead_letter", txn, frees_space=True)
+        return self._settle("dead_letter", claim, wanted, settle)
 
     def release_claim(self, claim: Claim) -> int:
         """Give back every entry still held by ``claim``: ready at once, counts unchanged.
@@ -518,16 +501,35 @@ class DurableQueue:
         Returns how many entries were moved.
         """
 
+        def settle(cache: Any, meta: Counters, gone: list[list[Any]]) -> None:
+            model.push_group(cache, meta, 0, gone)
+            meta.pending += len(gone)
+
+        return self._settle("release_claim", claim, None, settle)
+
+    def _settle(
+        self,
+        what: str,
+        claim: Claim,
+        wanted: set[int] | None,
+        settle: Callable[[Any, Counters, list[list[Any]]], None],
+    ) -> int:
+        """Take ``wanted`` (None: all) of ``claim``'s entries out of its lease, in one transaction.
+
+        ``settle(cache, counters, rows)`` then moves or deletes the rows taken and the
+        counters are saved. Returns how many were taken.
+        """
+
         def txn(cache: Any) -> int:
             meta = Counters.load(cache, self._storage.first_id)
-            gone = model.detach(cache, meta, claim.lease_id, None)
-            if gone:
-                model.push_group(cache, meta, 0, gone)
-                meta.pending += len(gone)
-                meta.save(cache)
+            gone = model.detach(cache, meta, claim.lease_id, wanted)
+            if not gone:
+                return 0
+            settle(cache, meta, gone)
+            meta.save(cache)
             return len(gone)
 
-        return self._run("release_claim", txn, frees_space=True)
+        return self._run(what, txn, frees_space=True)
 
     def reclaim(self) -> int:
         """Return entries of expired leases and of dead owners (this host) to the front.
