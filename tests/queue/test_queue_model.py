@@ -76,11 +76,7 @@ class QueueMachine(RuleBasedStateMachine):
         )
 
     def stored_ids(self) -> list[int]:
-        out = list(self.main)
-        for group in self.groups:
-            out += group[2]
-        for _, lease_ids in self.leases.values():
-            out += lease_ids
+        out = self.unsettled_ids()
         for record in self.dead:
             out += record
         return out
