@@ -11,30 +11,34 @@ The rule (for a repeat recorded at local time ``t`` in the window
 ``[start, end)``): it may be suppressed only when
 
 * a copy of the key recorded by this process is still in its memory batch:
-  it has not been sent, so it lands no earlier than the repeat would (in sync
-  mode there is no such copy: a repeat waits for, or writes, its own); or
+  it has not been sent, so it is sent (with its fate) no earlier than the repeat's
+  own copy would be (in sync mode there is no such copy: a repeat writes its own); or
 * ``start + margin <= t < end - margin`` (outside the *uncertain zones* at both
-  ends of the window), and either
+  ends of the window) and Per acknowledged a copy of the key that was *sent* at or
+  after ``start + margin`` in this window (by the local clock).
 
-  - (a) Per acknowledged a copy of the key that was *sent* at or after
-    ``start + margin`` in this window (by the local clock), or
-  - (b) a copy of the key was committed to the queue at or after
-    ``start + margin`` in this window and has not failed: it is waiting, in
-    flight or acknowledged, and lands no earlier than the window's safe part.
+Nothing else stands for a repeat. A copy on disk, in flight or being retried does
+not: its request may already have reached Per before the repeat was recorded (in
+an earlier window), or it may fail while the repeat's own request would have
+succeeded. A copy that leaves the memory batch for the disk stops suppressing
+repeats; so does one dropped from memory. Every window starts empty.
 
-A key whose copy is dropped, dead-lettered, lost to a quarantine or fails a send
-is forgotten at once, so its next repeat is enqueued. Every window starts empty.
+Why it is exact: an acknowledged copy sent at ``s >= start + margin`` was stamped
+by Per between ``s`` and its answer, which came before the repeat was recorded at
+``t < end - margin``: inside ``[start + margin - skew, end - margin + skew]`` of
+Per's clock, i.e. inside the same Per window as the repeat, whatever the repeat's
+own request would have met. ``tests/test_coalesce_model.py`` checks this against a
+reference model of Per's counting, with requests in flight for several ticks, an
+outcome of their own for every request and clock skews.
 
-Why it is exact: a suppressed repeat's own copy would have been stamped inside
-``[start + margin - skew, end - margin + skew]`` of Per's clock, i.e. inside the
-same Per window as the copy that covers it; a copy that fails is forgotten before
-any later repeat is judged; a copy still waiting shares its fate with the
-repeats queued behind it. ``tests/test_coalesce_model.py`` checks this against a
-reference model of Per's counting under random fault schedules and clock skews.
+The delivery side applies the same rule to the entries it claims
+(:class:`DeliveredKeys`): an entry whose key Per acknowledged under the rule, by the
+time it is judged, is acknowledged without a request; the rule's window and margin
+are the recorder's, stored with each entry.
 
 :class:`Coalescer` is the recorder's (one per process); :class:`DeliveredKeys` is
 the delivery side's, which acknowledges without sending an entry whose key Per
-already acknowledged under rule (a), whichever process recorded it. Neither is
+already acknowledged under the rule, whichever process recorded it. Neither is
 thread-safe: callers hold a lock.
 """
 
@@ -130,19 +134,13 @@ class Coalescer:
             seen[key] = _UNSENT
         return True
 
-    def committed(self, keys: Iterable[Hashable], at: float) -> None:
-        """Copies of ``keys`` reached the disk queue at local time ``at``."""
-        w = self._w
-        if not w.start <= at < w.end:
-            return
+    def committed(self, keys: Iterable[Hashable]) -> None:
+        """Copies of ``keys`` left the memory batch for the disk queue: they no longer
+        suppress repeats (only an acknowledgement of theirs will)."""
         seen = self._seen
         for key in keys:
-            anchor = seen.get(key)
-            if anchor is None or anchor == _UNSENT or anchor < at:
-                if anchor is None and len(seen) >= self.max_keys:
-                    self.evictions += len(seen)
-                    seen.clear()
-                seen[key] = at
+            if seen.get(key) == _UNSENT:
+                del seen[key]
 
     def acknowledged(self, key: Hashable, sent_at: float) -> None:
         """Per acknowledged a copy of ``key`` sent at local time ``sent_at``."""
@@ -158,11 +156,11 @@ class Coalescer:
             self._seen[key] = sent_at
 
     def failed(self, key: Hashable) -> None:
-        """A copy of ``key`` was dropped, dead-lettered or failed a send: forget the key."""
+        """A copy of ``key`` was dropped from memory (or failed): forget the key."""
         self._seen.pop(key, None)
 
     def forget(self) -> None:
-        """Forget every key (a quarantine lost the queued copies, or the feed overflowed)."""
+        """Forget every key (only costs extra sends)."""
         self._seen = {}
 
     def __len__(self) -> int:
@@ -171,48 +169,53 @@ class Coalescer:
 
 
 class DeliveredKeys:
-    """The delivery side's memory of keys Per acknowledged in this window, by send time.
+    """The delivery side's memory of when Per acknowledged a copy of each key.
 
-    An entry whose key is :meth:`covered` may be acknowledged without a request: Per
-    already counted the key in this window under rule (a) of the module's rule.
+    It keeps, per key, the local time at which the latest acknowledged copy was sent,
+    and judges an entry under the window and margin the entry was recorded with, so a
+    drainer serves recorders with different settings (or coalescing off) at once.
+
+    Args:
+        max_keys: most keys remembered; past it the oldest are forgotten (extra sends).
     """
 
-    __slots__ = ("_sent", "_w", "max_keys")
+    __slots__ = ("_horizon", "_sent", "max_keys")
 
-    def __init__(self, window: float, margin: float = 30.0, max_keys: int = 1_000_000) -> None:
-        self._w = _Window(window, margin)
+    def __init__(self, max_keys: int = 1_000_000) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
         self.max_keys = max_keys
         self._sent: dict[Hashable, float] = {}
+        self._horizon = 0.0  # the longest window judged: older sends can never cover
 
-    def covered(self, key: Hashable, now: float) -> bool:
-        """True when a copy of ``key`` sent now would add nothing to any aligned report."""
-        w = self._w
-        if not w.window:
+    def covered(self, key: Hashable, now: float, window: float, margin: float) -> bool:
+        """True when an entry of ``key`` judged at local time ``now`` needs no request:
+        Per acknowledged a copy sent at or after ``start + margin`` of the ``window``
+        holding ``now``, and ``now`` is outside that window's uncertain zones."""
+        if window <= 0.0:
             return False
-        if not w.start <= now < w.end:
-            w.move(now)
-            self._sent = {}
-            return False
-        if not w.safe_start <= now < w.safe_end:
-            return False
+        self._horizon = max(self._horizon, window)
         sent = self._sent.get(key)
-        return sent is not None and sent >= w.safe_start
+        if sent is None:
+            return False
+        start = (now // window) * window
+        safe_start = start + margin
+        return safe_start <= sent < start + window and safe_start <= now < start + window - margin
 
     def note(self, key: Hashable, sent_at: float) -> None:
         """Per acknowledged a copy of ``key`` sent at local time ``sent_at``."""
-        w = self._w
-        if not w.window:
-            return
-        if not w.start <= sent_at < w.end:
-            if sent_at < w.start:
-                return
-            w.move(sent_at)
-            self._sent = {}
-        if len(self._sent) >= self.max_keys:
-            self._sent.clear()
         previous = self._sent.get(key)
-        if previous is None or previous < sent_at:
-            self._sent[key] = sent_at
+        if previous is not None and previous >= sent_at:
+            return
+        if previous is None and len(self._sent) >= self.max_keys:
+            self._prune(sent_at)
+        self._sent[key] = sent_at
+
+    def _prune(self, now: float) -> None:
+        """Forget sends too old to cover anything; everything if that frees too little."""
+        oldest = now - self._horizon
+        kept = {key: at for key, at in self._sent.items() if at >= oldest}
+        self._sent = kept if len(kept) < self.max_keys * 0.9 else {}
 
     def __len__(self) -> int:
         """Keys currently remembered."""

@@ -71,6 +71,7 @@ _GROUP_PER_SECOND = 10  # releases due within the same tenth of a second share a
 _CLAIM = 512  # entries per claim: one stored chunk, taken whole (no partial rewrite)
 _APPLY_EVERY = 0.1  # outcomes are written at most this often (a crash re-sends them: harmless)
 _APPLY_AT = 256  # ... or as soon as this many wait
+_LATE_WINDOW = 900.0  # the window late_deliveries is counted in when coalescing is off
 
 _Item = tuple[Claim, Entry]
 
@@ -102,9 +103,9 @@ class _Outcomes:
 
 
 class _Attempt:
-    """One request in flight: its channel, its entry and when it was sent."""
+    """One request in flight: its channel, its entry, when it was sent, its riders."""
 
-    __slots__ = ("channel", "claim", "entry", "sent", "sent_clock")
+    __slots__ = ("channel", "claim", "entry", "riders", "sent", "sent_clock")
 
     def __init__(
         self, channel: Channel, claim: Claim, entry: Entry, sent: float, sent_clock: float
@@ -114,6 +115,7 @@ class _Attempt:
         self.entry = entry
         self.sent = sent  # monotonic
         self.sent_clock = sent_clock  # the recorder's clock (coalescing windows)
+        self.riders: list[_Item] = []  # same-key entries recorded before it was sent
 
 
 def _add(groups: dict[str, tuple[Claim, list[int]]], claim: Claim, entry_id: int) -> None:
@@ -152,12 +154,12 @@ class DeliveryWorker:
         self._accelerate = accelerate
         self._idle_poll = settings.poll_interval if idle_poll is None else idle_poll
         self._clock = settings.clock
-        self._window = settings.coalesce_window or 900.0
         self._backoff = Backoff(settings.backoff_initial, settings.backoff_max)
         self._flow = FlowController(
             settings.concurrency, self._backoff, auth_interval=settings.auth_probe_interval
         )
-        self._delivered = DeliveredKeys(settings.coalesce_window, settings.coalesce_margin)
+        self._delivered = DeliveredKeys()
+        self._coalescing = (settings.coalesce_window, settings.coalesce_margin)  # rows of 0.1
         self._claim_size = _CLAIM
         self._failure_log = FailureLog()
         # thread control
@@ -172,7 +174,8 @@ class DeliveryWorker:
         self._channels: list[Channel] = []
         self._idle: list[Channel] = []
         self._ready: deque[_Item] = deque()
-        self._riders: dict[Activity, list[_Item]] = {}
+        # the latest request in flight per key; its riders are in the attempt
+        self._flying: dict[Activity, _Attempt] = {}
         self._claims: dict[str, tuple[Claim, set[int]]] = {}
         self._in_flight = 0
         self._out = _Outcomes()
@@ -343,13 +346,18 @@ class DeliveryWorker:
             claim, entry = ready.popleft()
             key = entry.activity
             clock_now = self._clock()
-            if self._delivered.covered(key, clock_now):
+            window, margin = entry.coalescing or self._coalescing
+            if self._delivered.covered(key, clock_now, window, margin):
                 _add(self._out.coalesced, claim, entry.id)
                 self._out_count += 1
                 continue
-            riders = self._riders.get(key)
-            if riders is not None:
-                riders.append((claim, entry))
+            flying = self._flying.get(key)
+            if flying is not None and entry.recorded_at <= flying.sent_clock:
+                # It was recorded before that copy was sent: its own request would have
+                # gone out with it, so that answer is its answer. One recorded later gets
+                # a request of its own: Per may have stamped the copy in flight before it
+                # was recorded, and that copy may fail where its own would not.
+                flying.riders.append((claim, entry))
                 continue
             self._send(now, clock_now, claim, entry)
             if not ready:
@@ -359,13 +367,13 @@ class DeliveryWorker:
     def _send(self, now: float, clock_now: float, claim: Claim, entry: Entry) -> None:
         target = self._target
         assert target is not None
-        self._riders[entry.activity] = []
         channel = self._idle.pop()
         self._in_flight += 1
         self._flow.started(now)
         self.stats.attempts += 1
         activity = entry.activity
         attempt = _Attempt(channel, claim, entry, now, clock_now)
+        self._flying[activity] = attempt
         channel.send(
             target.activity(activity[0], activity[1], activity[2]),
             functools.partial(self._done, attempt),
@@ -460,7 +468,9 @@ class DeliveryWorker:
         entry = attempt.entry
         key = entry.activity
         sent_clock = attempt.sent_clock
-        items = [(attempt.claim, entry), *self._riders.pop(key, ())]
+        items = [(attempt.claim, entry), *attempt.riders]
+        if self._flying.get(key) is attempt:
+            del self._flying[key]
         self._out_count += len(items)
         if self._stopping:
             for item_claim, item in items:
@@ -485,8 +495,8 @@ class DeliveryWorker:
             self._delivered.note(key, sent_clock)
             if self._feedback is not None:
                 self._feedback.acknowledged(key, sent_clock)
-            window = self._window
             for item_claim, item in items:
+                window = (item.coalescing or self._coalescing)[0] or _LATE_WINDOW
                 if int(item.recorded_at // window) != int(sent_clock // window):
                     self.stats.late_deliveries += 1
                 _add(self._out.acks, item_claim, item.id)
@@ -765,10 +775,11 @@ class DeliveryWorker:
         if self._in_flight and time.monotonic() < deadline:
             loop.call_later(0.005, self._finish_stop, deadline)
             return
-        for items in self._riders.values():
-            for claim, entry in items:
+        for attempt in self._flying.values():  # riders of requests that never answered
+            for claim, entry in attempt.riders:
                 _add(self._out.holds, claim, entry.id)
-        self._riders.clear()
+            attempt.riders.clear()
+        self._flying.clear()
         self._apply()
         for claim, _ in list(self._claims.values()):
             with contextlib.suppress(QueueError):

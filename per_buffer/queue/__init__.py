@@ -85,10 +85,11 @@ the highest-numbered ``db-<n>/`` folder (a diskcache ``Cache``: ``cache.db`` wit
   ``dead``, the failure log as empty).
 * ``q-<first id:015d>``: one row per chunk of up to 512 entries, as compact JSON
   ``[[id, billing_id, user_id, activity_type_id, recorded_at, attempts, last_error
-  (, failures)], ...]`` (never pickle). The 8th field is written only when ``failures``
-  differs from ``attempts``; a 7-field row (all rows of 0.1) has ``failures ==
-  attempts``. Keys sort in put order; diskcache's ``peek(prefix="q")`` reads the front
-  with an index range query, O(log n). A claim takes chunks from the front and
+  (, failures (, [window, margin]))], ...]`` (never pickle). The 8th field is written
+  when ``failures`` differs from ``attempts`` or a 9th follows; a 7-field row (all rows
+  of 0.1) has ``failures == attempts``. The 9th is the producer's coalescing rule
+  (``put(..., coalescing=)``). Keys sort in put order; diskcache's ``peek(prefix="q")``
+  reads the front with an index range query, O(log n). A claim takes chunks from the front and
   rewrites the remainder of the last one under the same key.
 * ``r-<not_before ms:015d>-<sequence:015d>-<smallest id:015d>``: retry groups (up to 512
   entries), sorted by readiness; the smallest id lets

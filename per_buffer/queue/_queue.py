@@ -72,9 +72,16 @@ def _attempt_flags(
 
 def _validated_items(
     items: Sequence[tuple[tuple[str, str, str], float]],
+    coalescing: tuple[float, float] | None = None,
 ) -> tuple[list[list[Any]], list[int]]:
     rows: list[list[Any]] = []
     sizes: list[int] = []
+    policy: list[float] | None = None
+    if coalescing is not None:
+        window, margin = float(coalescing[0]), float(coalescing[1])
+        if not (math.isfinite(window) and math.isfinite(margin) and window >= 0 <= margin):
+            raise ValueError("coalescing must be (window, margin): finite seconds >= 0")
+        policy = [window, margin]
     for item in items:
         activity, recorded_at = item
         billing_id, user_id, activity_type_id = activity
@@ -84,7 +91,7 @@ def _validated_items(
         stamp = float(recorded_at)
         if not math.isfinite(stamp):
             raise ValueError("recorded_at must be a finite number")
-        rows.append(new_row(str(billing_id), str(user_id), str(activity_type_id), stamp))
+        rows.append(new_row(str(billing_id), str(user_id), str(activity_type_id), stamp, policy))
         sizes.append(payload_size(billing_id, user_id, activity_type_id))
     return rows, sizes
 
@@ -199,12 +206,19 @@ class DurableQueue:
 
     # ------------------------------------------------------------------ producing
 
-    def put(self, items: Sequence[tuple[tuple[str, str, str], float]]) -> PutResult:
+    def put(
+        self,
+        items: Sequence[tuple[tuple[str, str, str], float]],
+        *,
+        coalescing: tuple[float, float] | None = None,
+    ) -> PutResult:
         """Store ``(activity, recorded_at)`` pairs in one transaction.
 
         ``activity`` is an :class:`Activity` or any ``(billing_id, user_id,
         activity_type_id)`` tuple of str. The stored items get contiguous ids in batch
-        order (``first_id..last_id``).
+        order (``first_id..last_id``). ``coalescing``: the producer's ``(window,
+        margin)``, stored with each item (:attr:`Entry.coalescing`) so that whoever
+        delivers them coalesces under the producer's rule.
 
         When the queue is full, the items of this batch that are not stored are in
         ``refused["queue_full"]`` and counted once in ``stats().dropped["queue_full"]``;
@@ -217,7 +231,7 @@ class DurableQueue:
                 stored before are intact and nothing of this batch is stored.
             TypeError, ValueError: an item is not (Activity of str, finite number).
         """
-        rows, sizes = _validated_items(items)
+        rows, sizes = _validated_items(items, coalescing)
         if not rows:
             return PutResult(0, None, None, _EMPTY, self._failure_seq)
         return self._store_batch("put", rows, sizes)

@@ -60,9 +60,12 @@ def loads(raw: object, what: str) -> Any:
 # --------------------------------------------------------------------------- entry rows
 #
 # An entry row is [id, billing_id, user_id, activity_type_id, recorded_at, attempts,
-# last_error] (version 0.1) or the same with an 8th field, failures. The 8th field is
-# written only when failures differs from attempts, so a row that never failed is
-# byte-for-byte a 0.1 row and a 7-field row reads as failures == attempts.
+# last_error] (version 0.1), optionally followed by failures and then by coalescing. The
+# 8th field, failures, is written only when it differs from attempts or when a 9th
+# follows, so a row that never failed and carries no coalescing is byte-for-byte a 0.1
+# row and a 7-field row reads as failures == attempts. The 9th field, [window, margin],
+# is the coalescing its recorder used (0.2): the delivery side acknowledges an entry
+# without a request only under that rule, whoever started the drainer.
 
 
 def entry_rows(raw: object, what: str) -> list[list[Any]]:
@@ -87,14 +90,22 @@ def record_rows(record: Any, what: str) -> list[list[Any]]:
 def check_rows(rows: list[Any], what: str) -> list[list[Any]]:
     """``rows`` if every one is shaped like an entry row, else CorruptData."""
     for row in rows:
-        if type(row) is not list or len(row) not in (7, 8) or type(row[0]) is not int:
+        if type(row) is not list or len(row) not in (7, 8, 9) or type(row[0]) is not int:
             raise CorruptData(f"{what}: malformed entry")
     return rows
 
 
-def new_row(billing_id: str, user_id: str, activity_type_id: str, stamp: float) -> list[Any]:
-    """A fresh row (id assigned when stored)."""
-    return [0, billing_id, user_id, activity_type_id, stamp, 0, None]
+def new_row(
+    billing_id: str,
+    user_id: str,
+    activity_type_id: str,
+    stamp: float,
+    coalescing: list[float] | None = None,
+) -> list[Any]:
+    """A fresh row (id assigned when stored); ``coalescing`` is ``[window, margin]``."""
+    if coalescing is None:
+        return [0, billing_id, user_id, activity_type_id, stamp, 0, None]
+    return [0, billing_id, user_id, activity_type_id, stamp, 0, None, 0, coalescing]
 
 
 def row_failures(row: list[Any]) -> int:
@@ -102,12 +113,28 @@ def row_failures(row: list[Any]) -> int:
     return int(row[7] if len(row) > 7 else row[5])
 
 
+def row_coalescing(row: list[Any]) -> tuple[float, float] | None:
+    """The ``(window, margin)`` a row was recorded under, None for a row without one."""
+    if len(row) < 9:
+        return None
+    value = row[8]
+    try:
+        window, margin = float(value[0]), float(value[1])
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptData(f"malformed coalescing {value!r:.100}") from exc
+    if not (math.isfinite(window) and math.isfinite(margin) and window >= 0 and margin >= 0):
+        raise CorruptData(f"malformed coalescing {value!r:.100}")
+    return window, margin
+
+
 def count_attempt(row: list[Any], *, refused: bool, failed: bool) -> None:
     """Add one to attempts (``refused``) and to failures (``failed``), in place."""
     failures = row_failures(row) + (1 if failed else 0)
     if refused:
         row[5] += 1
-    if failures == row[5]:
+    if len(row) > 8:
+        row[7] = failures  # kept in place: the coalescing follows it
+    elif failures == row[5]:
         del row[7:]
     elif len(row) > 7:
         row[7] = failures
@@ -154,17 +181,20 @@ def to_entry(row: list[Any]) -> Entry:
             attempts,
             None if row[6] is None else str(row[6]),
             int(row[7]) if len(row) > 7 else attempts,
+            row_coalescing(row),
         )
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         raise CorruptData(f"malformed entry {row!r:.200}") from exc
 
 
 def from_entry(entry: Entry) -> list[Any]:
-    """A row (id 0, assigned when stored) keeping an entry's counts and error."""
+    """A row (id 0, assigned when stored) keeping an entry's counts, error and coalescing."""
     billing_id, user_id, activity_type_id = entry.activity
     row = [0, billing_id, user_id, activity_type_id, float(entry.recorded_at)]
     row += [int(entry.attempts), None if entry.last_error is None else entry.last_error[:MAX_TEXT]]
-    if entry.failures != entry.attempts:
+    if entry.coalescing is not None:
+        row += [int(entry.failures), [float(entry.coalescing[0]), float(entry.coalescing[1])]]
+    elif entry.failures != entry.attempts:
         row.append(int(entry.failures))
     return row
 

@@ -25,6 +25,9 @@ class Entry:
         last_error: the error given with the last :meth:`DurableQueue.release`, if any.
         failures: failed attempts of any kind (``release(..., failed=True)``); these drive
             the backoff. A row stored by version 0.1 reads as ``failures == attempts``.
+        coalescing: ``(window, margin)`` in seconds of the recorder that stored it (see
+            :mod:`per_buffer.coalesce`), None when it gave none (then the consumer's own
+            settings apply).
     """
 
     id: int
@@ -33,6 +36,7 @@ class Entry:
     attempts: int
     last_error: str | None
     failures: int = 0
+    coalescing: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

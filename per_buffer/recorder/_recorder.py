@@ -104,6 +104,7 @@ class Recorder:
             config.coalesce_window, config.coalesce_margin, config.coalesce_max_keys
         )
         self._admit = self._coalescer.admit
+        self._coalescing = (self._coalescer.window, self._coalescer.margin)  # stored per entry
         self._memory_bound = max(1, config.memory_buffer)
         self._recorded = 0
         self._coalesced = 0
@@ -447,7 +448,7 @@ class Recorder:
         """
         assert self._queue is not None
         try:
-            result = self._queue.put(batch)
+            result = self._queue.put(batch, coalescing=self._coalescing)
         except QueueError:
             raise
         except Exception:
@@ -464,7 +465,7 @@ class Recorder:
         refused: dict[str, int] = {}
         for item in batch:
             try:
-                result = self._queue.put([item])
+                result = self._queue.put([item], coalescing=self._coalescing)
             except QueueError:
                 raise
             except Exception:
@@ -537,7 +538,7 @@ class Recorder:
         for start in range(0, len(batch), _FEEDBACK_CHUNK):
             keys = [key for key, _ in batch[start : start + _FEEDBACK_CHUNK]]
             with self._lock:
-                committed(keys, at)
+                committed(keys)
 
     def _coalescer_failed(self, keys: Iterable[_Key]) -> None:
         failed = self._coalescer.failed

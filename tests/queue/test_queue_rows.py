@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import diskcache
+import pytest
 from queue_helpers import FakeClock, ids, items
 
 from per_buffer.queue import Claim, DurableQueue
@@ -128,3 +129,43 @@ def test_count_attempt_on_rows() -> None:
     assert row[5:] == [2, None, 3]
     count_attempt(row, refused=False, failed=False)
     assert row[5:] == [2, None, 3]
+
+
+def test_a_producers_coalescing_travels_with_its_entries(qdir: Path) -> None:
+    """put(coalescing=) is stored as a 9th field and survives retries, dead letters and
+    salvage, so whoever delivers judges each entry under its recorder's rule."""
+    with DurableQueue(qdir) as queue:
+        queue.put(items(2), coalescing=(2.0, 0.25))
+        queue.put(items(1, prefix="plain"))
+        assert stored(qdir, "q-000000000000001")[0] == [
+            1, "billing", "u0", "api_call", 1000.0, 0, None, 0, [2.0, 0.25]
+        ]  # fmt: skip
+        claim = queue.claim(3)
+        assert claim is not None
+        assert [entry.coalescing for entry in claim.entries] == [(2.0, 0.25), (2.0, 0.25), None]
+        queue.release(claim, [1], not_before=0, refused=True, failed=True)
+        queue.dead_letter(claim, [2], "refused")
+        queue.ack(claim, [3])
+        again = queue.claim(3)
+        assert again is not None and [e.coalescing for e in again.entries] == [(2.0, 0.25)]
+        assert again.entries[0].attempts == 1 and again.entries[0].failures == 1
+        assert [letter.entry.coalescing for letter in queue.dead_letters()] == [(2.0, 0.25)]
+        queue.release_claim(again)
+        restored = queue.restore([again.entries[0]])
+        assert restored.stored == 1
+
+
+def test_count_attempt_keeps_the_coalescing_field() -> None:
+    row = [1, "b", "u", "t", 1.0, 0, None, 0, [900.0, 30.0]]
+    count_attempt(row, refused=True, failed=True)
+    assert row[5:] == [1, None, 1, [900.0, 30.0]]
+    count_attempt(row, refused=False, failed=True)
+    assert row[5:] == [1, None, 2, [900.0, 30.0]]
+
+
+def test_a_bad_coalescing_is_refused_at_put(qdir: Path) -> None:
+    with DurableQueue(qdir) as queue:
+        for bad in ((-1.0, 0.0), (1.0, float("nan")), (float("inf"), 0.0)):
+            with pytest.raises(ValueError, match="coalescing"):
+                queue.put(items(1), coalescing=bad)
+        assert queue.counts() == (0, 0)

@@ -706,7 +706,8 @@ def test_retry_after_holds_although_requests_in_flight_succeed(
         refused_at = time.time()
         assert rec.flush(timeout=20)
     late = [a for a in server.activities if a.user_id.startswith("u")]
-    # only requests already in flight when the 429 came (at most concurrency) land early
+    # only requests already in flight when the 429 came (at most concurrency), and those
+    # that answers read in the same loop turn just before it replaced, land early
     early = [a for a in late if a.timestamp < refused_at + 1.8]
-    assert len(early) <= 8
+    assert len(early) <= 2 * 8
     assert len(late) == 200
