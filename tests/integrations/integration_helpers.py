@@ -152,8 +152,12 @@ def on_disk(directory: Path) -> set[Key]:
     while drainer_running(directory) and time.monotonic() < deadline:
         time.sleep(0.05)
     with DurableQueue(directory) as queue:
+        claims = []
         while (claim := queue.claim(1000, ignore_not_before=True)) is not None:
+            claims.append(claim)
             found |= {tuple(entry.activity) for entry in claim.entries}  # type: ignore[misc]
+        for claim in claims:  # given back: a drainer started later must deliver them
+            queue.release_claim(claim)
     return found
 
 
