@@ -38,10 +38,13 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
+
+from ._masking import mask
 
 __all__ = [
     "AUTH",
@@ -87,6 +90,8 @@ _FAST_OK: Final = b'{"ok":true'
 _SERVER_ERROR_4XX: Final = frozenset({408, 425})
 _TOO_LARGE: Final = frozenset({413, 414})
 _AUTH_CODE: Final = "invalid_auth_token"
+# RFC 9110 media type: token "/" token
+_MEDIA_TYPE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +157,29 @@ def _http_date(value: str | None) -> float | None:
     return when.timestamp() if when.tzinfo is not None else None
 
 
-def redact(verdict: Verdict, secret: str) -> Verdict:
-    """The verdict with ``secret`` (the token, echoed by a server) masked in its texts."""
-    if not secret or (secret not in verdict.detail and secret not in (verdict.message or "")):
+def redact(verdict: Verdict, *secrets: str) -> Verdict:
+    """The verdict with the ``secrets`` (the tokens a server may echo) masked in its texts.
+
+    Masked are the secrets in any letter case and every piece of 8 or more characters of
+    them (an echo cut short or lower-cased on the way, see :func:`per_buffer._masking.mask`).
+    Per's code (``message``) is kept whole by :func:`judge` (or replaced), so only whole
+    echoes are masked there: a token that happens to hold a word of a code
+    (``activity``) leaves the code readable, in ``message`` and at the end of ``detail``.
+    A verdict that changes loses its ``payload``, which could hold the echo too.
+    """
+    message = verdict.message
+    detail = verdict.detail
+    if message is None:
+        detail = mask(detail, secrets)
+    else:
+        message = mask(message, secrets, fragments=False)
+        if message and message == verdict.message and detail.endswith(message):
+            detail = mask(detail[: -len(message)], secrets) + message
+        else:
+            detail = mask(detail, secrets)
+    if detail == verdict.detail and message == verdict.message:
         return verdict
-    return replace(
-        verdict,
-        detail=verdict.detail.replace(secret, "<token>"),
-        message=None if verdict.message is None else verdict.message.replace(secret, "<token>"),
-        payload=None,
-    )
+    return replace(verdict, detail=detail, message=message, payload=None)
 
 
 def _per_json(body: bytes) -> dict[str, Any] | None:
@@ -184,9 +202,22 @@ def _code(payload: dict[str, Any]) -> str:
     return "unknown_error"
 
 
+def _media_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` as ``type/subtype``, or a word saying why not.
+
+    Only a well-formed media type is quoted: a server may have put anything in the header
+    (a WAF echoing the request's ``Authorization`` header, say).
+    """
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if not kind:
+        return "unlabelled data"
+    if len(kind) > 60 or _MEDIA_TYPE.fullmatch(kind) is None:
+        return "data with a malformed Content-Type"
+    return kind
+
+
 def _describe(status: int, content_type: str | None, body: bytes) -> str:
-    kind = (content_type or "").split(";", 1)[0].strip().lower()[:60]
-    shape = "an empty body" if not body else f"{len(body)} bytes of {kind or 'unlabelled data'}"
+    shape = "an empty body" if not body else f"{len(body)} bytes of {_media_type(content_type)}"
     return f"HTTP {status} with {shape}, not Per's JSON"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 
 import pytest
+from token_echo import TOKEN, assert_clean
 
 from per_buffer.outcomes import (
     AUTH,
@@ -18,6 +19,7 @@ from per_buffer.outcomes import (
     judge,
     judge_fault,
     parse_retry_after,
+    redact,
 )
 
 HTML = b"<html><body><h1>403 Forbidden</h1></body></html>"
@@ -100,3 +102,60 @@ def test_retry_after_both_forms() -> None:
 )
 def test_faults_without_an_answer(kind: str, expected: str) -> None:
     assert judge_fault(kind, "detail").kind == expected
+
+
+# --------------------------------------------------------------------------- echoed tokens
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [  # what the lean channel and judge say about answers that echo the header
+        f"malformed response head (first line b'HTTP/1.1 400 Bearer {TOKEN[:52]}')",
+        f"bad Content-Length b'bearer {TOKEN.lower()[:33]}'",
+        f"HTTP 403 with 9 bytes of bearer {TOKEN.lower()[:53]}, not Per's JSON",
+        f"request failed (RemoteProtocolError: illegal header line: b'Bearer {TOKEN}')",
+        f"cut in the middle {TOKEN[17:26]} of a run",
+    ],
+)
+def test_redact_masks_cut_and_lowercased_echoes(detail: str) -> None:
+    verdict = redact(judge_fault("protocol", detail), TOKEN)
+    assert_clean(verdict.detail, "the detail")
+    assert "<token>" in verdict.detail
+
+
+def test_redact_masks_a_token_in_pers_code_and_drops_the_payload() -> None:
+    body = f'{{"ok":false,"message":"bearer {TOKEN.lower()}"}}'.encode()
+    verdict = judge(200, body, headers())
+    assert verdict.payload is not None and TOKEN.lower() in (verdict.message or "")
+    clean = redact(verdict, "other-secret-value", TOKEN)
+    assert clean.message == "bearer <token>"
+    assert clean.detail == "HTTP 200: bearer <token>"
+    assert clean.payload is None and clean.kind == REFUSED_BY_PER
+
+
+def test_redact_keeps_pers_code_readable_when_the_token_holds_a_word_of_it() -> None:
+    """PerServer's default token ``test-activity-token`` holds ``activity``."""
+    verdict = judge(200, b'{"ok":false,"message":"activity_type_not_found"}', headers())
+    assert redact(verdict, "test-activity-token") is verdict
+
+
+def test_redact_leaves_a_verdict_without_an_echo_alone() -> None:
+    verdict = judge(503, b"", headers())
+    assert redact(verdict, TOKEN) is verdict
+    assert redact(verdict) is verdict
+
+
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [
+        ("text/html; charset=utf-8", "text/html"),
+        ("Application/Problem+JSON", "application/problem+json"),
+        (None, "unlabelled data"),
+        (f"Bearer {TOKEN}", "data with a malformed Content-Type"),
+        (TOKEN, "data with a malformed Content-Type"),
+        ("text/" + "x" * 60, "data with a malformed Content-Type"),
+    ],
+)
+def test_only_a_well_formed_media_type_is_quoted(content_type: str | None, shown: str) -> None:
+    detail = judge(403, b"forbidden", headers(content_type=content_type or "")).detail
+    assert detail == f"HTTP 403 with 9 bytes of {shown}, not Per's JSON"
