@@ -18,6 +18,8 @@ from typing import Any, Final, TypeVar
 
 import httpx
 
+from . import _log_filter
+from ._masking import mask
 from ._version import __version__
 from .config import DEFAULT_BASE_URL, check_token, env_names, resolve_base_url
 from .errors import (
@@ -119,19 +121,21 @@ def interpret_response(
 ) -> Any:
     """Turn one HTTP answer into Per's ``result`` or raise the matching :class:`PerError`.
 
-    ``secrets`` (the tokens) are masked wherever a server echoed them back.
+    ``secrets`` (the tokens) are masked wherever a server echoed them back (in any
+    letter case, or a piece of 8+ characters). The error is raised with no exception
+    chained to it.
     """
     verdict = judge(status, content, headers.get)
     if verdict.kind != OK:
-        for secret in secrets:
-            verdict = redact(verdict, secret)
-        raise error_for(verdict, endpoint)
+        raise error_for(redact(verdict, *secrets), endpoint)
     payload = verdict.payload
     if payload is None:
         try:
             payload = json.loads(content)
         except (ValueError, UnicodeDecodeError):  # pragma: no cover (judged as Per's JSON)
-            raise error_for(judge(0, b"", headers.get), endpoint) from None
+            payload = None
+        if not isinstance(payload, dict):  # pragma: no cover (judged as Per's JSON)
+            raise error_for(judge(0, b"", headers.get), endpoint)
     return payload.get("result")
 
 
@@ -144,17 +148,27 @@ def _transaction_id(result: Any) -> str:
     return ""
 
 
-def _report(result: Any) -> Report:
+def _report(result: Any, secrets: tuple[str, ...] = ()) -> Report:
     try:
         return Report.from_result(result)
     except ValueError as exc:
-        raise PerTransportError(f"Per's report could not be read: {exc}.") from None
+        error = PerTransportError(f"Per's report could not be read: {mask(str(exc), secrets)}.")
+    raise error  # outside the handler: nothing chained (the ValueError quotes the answer)
 
 
-def transport_error(endpoint: str, base_url: str, exc: httpx.HTTPError) -> PerTransportError:
-    """Wrap an httpx failure in a retryable :class:`PerTransportError` (no token inside)."""
+def transport_error(
+    endpoint: str, base_url: str, exc: httpx.HTTPError, secrets: tuple[str, ...] = ()
+) -> PerTransportError:
+    """Wrap an httpx failure in a retryable :class:`PerTransportError`.
+
+    The httpx message keeps its exception's name, with the ``secrets`` masked: it may
+    quote bytes the server sent (h11 quotes a malformed header line, which a server
+    echoing the request's ``Authorization`` header fills with the token). Raise the
+    result outside the ``except`` block that caught ``exc``: chained, ``exc`` would
+    show the bytes unmasked in a traceback.
+    """
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-    detail = str(exc).strip().rstrip(".")
+    detail = " ".join(mask(str(exc), secrets).split()).rstrip(".")
     detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     return PerTransportError(f"Request to {base_url}/{endpoint} {kind} ({detail}).")
 
@@ -295,6 +309,7 @@ class PerClient(_ClientBase):
             headers=_HEADERS,
             follow_redirects=False,
         )
+        self._secrets_held = _log_filter.hold(*self._config.secrets(), owner=self)
 
     def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
         """Record one activity now and return Per's ``transactionId`` ("" if Per sent none).
@@ -320,26 +335,26 @@ class PerClient(_ClientBase):
             PerError: the matching subclass when the call did not succeed.
         """
         params = report_params(start, end)
-        return _report(self._get(_REPORT_PATH, params, reporting=True))
+        return _report(self._get(_REPORT_PATH, params, reporting=True), self._config.secrets())
 
     def _get(self, path: str, params: dict[str, str], *, reporting: bool) -> Any:
         headers = self._config.auth(reporting)
         endpoint = path.lstrip("/")
+        secrets = self._config.secrets()
         try:
             response = self._http.get(path, params=params, headers=headers)
         except httpx.HTTPError as exc:
-            raise transport_error(endpoint, self._config.base_url, exc) from exc
-        return interpret_response(
-            endpoint,
-            response.status_code,
-            response.headers,
-            response.content,
-            self._config.secrets(),
-        )
+            error = transport_error(endpoint, self._config.base_url, exc, secrets)
+        else:
+            return interpret_response(
+                endpoint, response.status_code, response.headers, response.content, secrets
+            )
+        raise error  # outside the handler: the httpx exception is not chained
 
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
+        self._secrets_held.release()
 
     def __enter__(self) -> PerClient:
         return self
@@ -376,6 +391,7 @@ class AsyncPerClient(_ClientBase):
             headers=_HEADERS,
             follow_redirects=False,
         )
+        self._secrets_held = _log_filter.hold(*self._config.secrets(), owner=self)
 
     async def add_activity(self, billing_id: str, user_id: str, activity_type_id: str) -> str:
         """Record one activity now and return Per's ``transactionId`` (see :class:`PerClient`)."""
@@ -387,26 +403,27 @@ class AsyncPerClient(_ClientBase):
     ) -> Report:
         """Fetch the unique-user report for ``[start, end]`` (see :meth:`PerClient.get_report`)."""
         params = report_params(start, end)
-        return _report(await self._get(_REPORT_PATH, params, reporting=True))
+        result = await self._get(_REPORT_PATH, params, reporting=True)
+        return _report(result, self._config.secrets())
 
     async def _get(self, path: str, params: dict[str, str], *, reporting: bool) -> Any:
         headers = self._config.auth(reporting)
         endpoint = path.lstrip("/")
+        secrets = self._config.secrets()
         try:
             response = await self._http.get(path, params=params, headers=headers)
         except httpx.HTTPError as exc:
-            raise transport_error(endpoint, self._config.base_url, exc) from exc
-        return interpret_response(
-            endpoint,
-            response.status_code,
-            response.headers,
-            response.content,
-            self._config.secrets(),
-        )
+            error = transport_error(endpoint, self._config.base_url, exc, secrets)
+        else:
+            return interpret_response(
+                endpoint, response.status_code, response.headers, response.content, secrets
+            )
+        raise error  # outside the handler: the httpx exception is not chained
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
+        self._secrets_held.release()
 
     async def __aenter__(self) -> AsyncPerClient:
         return self

@@ -42,7 +42,8 @@ def _answer(status: bytes, headers: bytes, body: bytes = b"") -> bytes:
 #: name -> how the answer carries the echoed header value.
 ECHOES: dict[str, Respond] = {
     "header_line": lambda head: _answer(b"400 Bad Request", authorization(head) + b"\r\n"),
-    "reason": lambda head: _answer(b"400 " + authorization(head), b""),
+    # the reason phrase, then a malformed line: the lean channel quotes the first line
+    "reason": lambda head: _answer(b"400 " + authorization(head), b"bad line\r\n"),
     "content_type": lambda head: _answer(
         b"403 Forbidden", b"Content-Type: " + authorization(head) + b"\r\n", b"forbidden"
     ),

@@ -50,6 +50,7 @@ from ._common import (
     error_line,
     interrupt_code,
     interruptible,
+    without_secrets,
 )
 
 __all__ = ["EXIT_LOST", "CLIError", "UsageError", "build_parser", "main"]
@@ -163,6 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except Exception as exc:
         if verbose:
-            traceback.print_exc()
+            sys.stderr.write(without_secrets(traceback.format_exc()))
         error_line(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)")
         return EXIT_FAILURE

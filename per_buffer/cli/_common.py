@@ -21,7 +21,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
-from ..config import default_directory, env_names, resolve_base_url
+from .._log_filter import held
+from .._masking import FRAGMENT, mask
+from ..config import check_token, default_directory, env_names, resolve_base_url
 from ..errors import PerAuthError, PerError, PerRateLimitError
 from ..queue import is_queue_directory
 
@@ -72,9 +74,23 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split()) or "unknown error"
 
 
+def without_secrets(text: str) -> str:
+    """``text`` with the tokens of the environment and those in use masked.
+
+    Library messages hold no token (pieces of an echo included, masked where the echo
+    was read); this is the last guard before a message (or a ``-v`` traceback) reaches
+    the terminal, e.g. for an unexpected exception. It masks whole tokens, in any letter
+    case, and leaves tokens shorter than :data:`~per_buffer._masking.FRAGMENT`
+    characters (test values like ``t``) alone: masked they would blot out the message.
+    """
+    names = (ACTIVITY_TOKEN_ENV, REPORTING_TOKEN_ENV)
+    tokens = (*(os.environ.get(name, "").strip() for name in names), *held())
+    return mask(text, [token for token in tokens if len(token) >= FRAGMENT], fragments=False)
+
+
 def error_line(message: str) -> None:
-    """Print ``per-buffer: error: <message>`` on stderr."""
-    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    """Print ``per-buffer: error: <message>`` on stderr (see :func:`without_secrets`)."""
+    print(f"{PROG}: error: {without_secrets(one_line(message))}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -177,7 +193,7 @@ def activity_token() -> str:
             f"no Per activity token: set {ACTIVITY_TOKEN_ENV} "
             f"(e.g. export {ACTIVITY_TOKEN_ENV}=...; try '{PROG} serve-local' for a local one)"
         )
-    return token
+    return _checked_token(token, ACTIVITY_TOKEN_ENV)
 
 
 def reporting_token() -> str:
@@ -187,7 +203,15 @@ def reporting_token() -> str:
         raise UsageError(
             f"no Per reporting token: set {REPORTING_TOKEN_ENV} to a token with the reporting scope"
         )
-    return token
+    return _checked_token(token, REPORTING_TOKEN_ENV)
+
+
+def _checked_token(token: str, name: str) -> str:
+    """``token`` when its form is valid, else a usage error naming ``name`` (not the token)."""
+    try:
+        return check_token(token, name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cache_root() -> Path:
