@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
+from ._masking import without_userinfo
 from .models import validate_id
 
 __all__ = [
@@ -300,27 +301,35 @@ def resolve_base_url(base_url: str | None) -> str:
 
     Raises:
         ValueError: the URL is malformed, not https, or carries credentials, a query or a fragment.
+            The message never shows credentials (``user:password@``), not even of a URL that
+            cannot be parsed.
     """
     if base_url is None:
         base_url = os.environ.get(env_names("base_url")[0]) or DEFAULT_BASE_URL
     if not isinstance(base_url, str):
         raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
     url = base_url.strip().rstrip("/")
+    shown = repr(without_userinfo(base_url))
+    if "@" in url:  # before any parsing: an unparsable URL must not show a password either
+        raise ValueError(
+            f"base_url must not carry credentials (user:password@), not {shown}; "
+            "pass the token separately"
+        )
     try:
         parts = urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 (validates the port)
     except ValueError:
-        raise ValueError(f"base_url is not a valid URL: {base_url!r}") from None
+        raise ValueError(f"base_url is not a valid URL: {shown}") from None
     if parts.scheme not in ("http", "https") or not host:
-        raise ValueError(f"base_url must look like https://host[:port], not {base_url!r}")
-    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"base_url must look like https://host[:port], not {shown}")
+    if parts.username is not None or parts.password is not None:  # pragma: no cover ("@")
         raise ValueError("base_url must not carry credentials; pass the token separately")
     if parts.query or parts.fragment:
-        raise ValueError(f"base_url must not have a query or fragment: {base_url!r}")
+        raise ValueError(f"base_url must not have a query or fragment: {shown}")
     if parts.scheme == "http" and not _is_loopback(host):
         raise ValueError(
-            f"base_url must use https (plain http is allowed only for loopback hosts): {base_url!r}"
+            f"base_url must use https (plain http is allowed only for loopback hosts): {shown}"
         )
     return url
 
@@ -335,13 +344,26 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_token(token: object, name: str = "token") -> str:
-    """Validate a token's form (non-empty str, no whitespace or control characters)."""
+    """Validate a token's form: a non-empty str of printable ASCII without whitespace.
+
+    That is what an HTTP header carries as is (the wire layer refuses anything else).
+    The messages never quote the token, only where the first bad character is.
+
+    Raises:
+        TypeError: ``token`` is not a str.
+        ValueError: it is empty, or holds whitespace, a control or a non-ASCII character.
+    """
     if not isinstance(token, str):
         raise TypeError(f"{name} must be a str, not {type(token).__name__}")
     if not token:
         raise ValueError(f"{name} must not be empty")
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in token):
-        raise ValueError(f"{name} must not contain whitespace or control characters")
+    for index, ch in enumerate(token):
+        if not "!" <= ch <= "~":  # printable ASCII without space: 0x21-0x7e
+            what = "a non-ASCII" if ord(ch) > 127 else "a whitespace or control"
+            raise ValueError(
+                f"{name} must be printable ASCII without whitespace; character {index + 1} "
+                f"of {len(token)} is {what} character (the token is not shown)"
+            )
     return token
 
 

@@ -24,7 +24,10 @@ import httpx
 import pytest
 from subprocess_helpers import terminate
 from test_wire import OK, TOKEN, UA, Peer, Responder, outcome, serve_forever
+from token_echo import ECHOES, EchoServer, assert_clean
+from token_echo import TOKEN as ECHO_TOKEN
 
+from per_buffer._log_filter import held
 from per_buffer._wire import (
     HttpxChannel,
     LeanChannel,
@@ -34,6 +37,7 @@ from per_buffer._wire import (
     open_channel,
     proxy_for,
 )
+from per_buffer._wire._proxy import redact
 
 T = TypeVar("T")
 
@@ -361,5 +365,57 @@ def test_proxy_channel_maps_faults(tinyproxy: TinyProxy) -> None:
         assert isinstance(err, WireError) and err.kind == "connect"
         assert TOKEN not in str(err)
         await channel.aclose()
+
+    _run(main())
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://proxyuser:Tr0ub4dor@3xYz9QkL@127.0.0.1:3128", "http://***@127.0.0.1:3128"),
+        ("http://proxyuser:pa/ss@127.0.0.1:3128", "http://***@127.0.0.1:3128"),
+        ("http://proxyuser:secret@proxy:3128", "http://***@proxy:3128"),
+        ("http://proxy:3128", "http://proxy:3128"),
+    ],
+)
+def test_redact_hides_the_whole_userinfo(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_a_bad_proxy_url_with_at_in_its_password_is_refused_without_it() -> None:
+    with pytest.raises(ValueError, match="proxy") as info:
+        proxy_for("https://api.useper.com", "ftp://user:Tr0ub4dor@3xYz9QkL@proxy:21")
+    assert "3xYz9QkL" not in str(info.value) and "Tr0ub4dor" not in str(info.value)
+
+
+def test_proxy_channel_errors_hold_no_password_and_no_echoed_token(
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    """A dead proxy whose password holds '@'; a "proxy" echoing the Authorization header."""
+    password = "Tr0ub4dor@3xYz9QkL"
+
+    async def main() -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]
+        _, channel = _open("http://127.0.0.1:9", proxy=f"http://u:{password}@127.0.0.1:{dead}")
+        err = await outcome(channel)
+        assert isinstance(err, WireError) and err.kind == "connect"
+        assert "***@127.0.0.1" in str(err) and "3xYz9QkL" not in str(err)
+        await channel.aclose()
+
+        with EchoServer(ECHOES["header_line"]) as echo:
+            target = RequestTarget("http://127.0.0.1:9", ECHO_TOKEN, UA)
+            channel = open_channel(asyncio.get_running_loop(), target, timeout=5.0, proxy=echo.url)
+            assert ECHO_TOKEN in held()  # masked in httpx's logs while the channel is open
+            err = await outcome(channel)
+            assert isinstance(err, WireError) and err.kind == "protocol", err
+            assert "Bearer <token>" in str(err)
+            assert_clean(str(err) + repr(err), "the channel's error", ECHO_TOKEN)
+            await channel.aclose()
+            assert ECHO_TOKEN not in held()
 
     _run(main())

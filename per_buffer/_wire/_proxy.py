@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from .. import _log_filter
+from .._masking import mask, without_userinfo
 from ._base import Answer, Channel, Done, RequestTarget, WireError, WireErrorKind
 
 __all__ = ["HttpxChannel", "proxy_for", "redact"]
@@ -34,8 +36,22 @@ logger = logging.getLogger("per_buffer.wire")
 
 
 def redact(url: str) -> str:
-    """``url`` without its user information (for messages and logs)."""
-    return re.sub(r"(?<=://)[^/@]*@", "***@", url, count=1)
+    """``url`` with its user information shown as ``***@`` (for messages and logs).
+
+    The user information ends at the *last* ``@`` (a password may hold ``@``, as
+    generated ones do, or an unencoded ``/``), see :func:`per_buffer._masking.without_userinfo`.
+    """
+    return without_userinfo(url)
+
+
+def _userinfo_secrets(proxy: str) -> tuple[str, ...]:
+    """The proxy's password, raw and percent-decoded, to mask in the texts of its errors."""
+    try:
+        url = httpx.URL(proxy)
+    except (httpx.InvalidURL, ValueError):  # pragma: no cover (checked by proxy_for)
+        return ()
+    raw = url.userinfo.decode("ascii", "replace").partition(":")[2]
+    return tuple(dict.fromkeys(s for s in (raw, url.password) if s))
 
 
 def _environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
@@ -186,6 +202,8 @@ class HttpxChannel(Channel):
         "_loop",
         "_max_body",
         "_proxy_text",
+        "_secrets",
+        "_secrets_held",
         "_target",
         "_task",
         "_timed_out",
@@ -208,6 +226,10 @@ class HttpxChannel(Channel):
         self._timeout = timeout
         self._max_body = max_body
         self._proxy_text = redact(proxy)
+        # masked in the texts of errors (httpx may quote an echo of the Authorization header)
+        self._secrets = (target.token, *_userinfo_secrets(proxy))
+        # and in httpx's and httpcore's log records while this channel is open
+        self._secrets_held = _log_filter.hold(target.token)
         self._client = httpx.AsyncClient(
             proxy=proxy,
             trust_env=False,
@@ -257,6 +279,7 @@ class HttpxChannel(Channel):
         if self._is_closed:
             return
         self._is_closed = True
+        self._secrets_held.release()
         if self._task is not None:
             self._task.cancel()  # its done gets "closed"
         self._closing = self._loop.create_task(self._client.aclose())
@@ -282,11 +305,11 @@ class HttpxChannel(Channel):
         except _TooLarge:
             return WireError("too_large", f"response body over {self._max_body} bytes")
         except Exception as exc:
-            text = str(exc).strip() or type(exc).__name__
+            text = " ".join(mask(str(exc), self._secrets).split()) or type(exc).__name__
             return WireError(
                 _classify(exc),
                 f"request to {self._target.origin} via {self._proxy_text} failed "
-                f"({type(exc).__name__}: {redact(text)})",
+                f"({type(exc).__name__}: {text})",
             )
 
     def _finished(self, task: asyncio.Task[Answer | WireError]) -> None:
