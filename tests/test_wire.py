@@ -541,6 +541,37 @@ def test_oversized_head_is_too_large(run: Callable[..., Any]) -> None:
 @pytest.mark.parametrize(
     "response",
     [
+        b"HTTP/1.1 200 OK\r\nContent-Length: Bearer SECRETsecret42\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nBearer SECRETsecret42\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBearer SECRETsecret42\r\n\r\n",
+    ],
+    ids=["content-length", "chunk-size", "trailer"],
+)
+def test_echoed_header_values_are_described_not_quoted(
+    run: Callable[..., Any], response: bytes
+) -> None:
+    """A server that echoes the request's headers into a framing field must not get any
+    of it into the error text (cut or lower-cased pieces escape exact masking)."""
+
+    async def main() -> None:
+        async def script(peer: Peer) -> None:
+            await peer.request()
+            await peer.send(response)
+            await peer.request()
+
+        async with Responder(script) as server:
+            _, channel = channel_for(server.url, timeout=3)
+            err = await outcome(channel)
+            assert isinstance(err, WireError) and err.kind == "protocol", err
+            assert "secret" not in str(err).lower() and "bearer" not in str(err).lower()
+            await channel.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
         b"SSH-2.0-OpenSSH_9.2\r\n",
         b"HTTP/1.1 OK 200\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/2 200\r\n\r\n",

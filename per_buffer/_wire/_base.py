@@ -12,6 +12,8 @@ from urllib.parse import quote_plus
 
 import httpx
 
+from .._masking import without_userinfo
+
 __all__ = [
     "MAX_BODY",
     "Answer",
@@ -144,9 +146,12 @@ class RequestTarget:
         try:
             url = httpx.URL(base_url)
         except (httpx.InvalidURL, ValueError):
-            raise ValueError(f"base_url is not a valid URL: {base_url!r}") from None
+            shown = without_userinfo(base_url)
+            raise ValueError(f"base_url is not a valid URL: {shown!r}") from None
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"base_url must look like https://host[:port], not {base_url!r}")
+            raise ValueError(
+                f"base_url must look like https://host[:port], not {without_userinfo(base_url)!r}"
+            )
         if url.query or url.fragment or url.userinfo:
             raise ValueError("base_url must not carry credentials, a query or a fragment")
         token = _check_header_value(token, "token")

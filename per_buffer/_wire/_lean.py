@@ -118,7 +118,8 @@ def _framing(headers: bytes, keep: bool, max_body: int) -> tuple[int, int, bool]
     values = _tokens(headers, b"\ncontent-length:")
     first = values[0]
     if not first.isdigit() or any(value != first for value in values):
-        raise _Bad("protocol", f"bad Content-Length {bytes(first)[:40]!r}")
+        # described, not quoted: a server may echo request headers (the token) here
+        raise _Bad("protocol", f"bad Content-Length ({len(first)} bytes, not one number)")
     if len(first) > 15 or int(first) > max_body:
         raise _Bad("too_large", f"response body of {int(first[:30])} bytes")
     return _LENGTH, int(first), keep
@@ -370,7 +371,7 @@ class _Conn(asyncio.Protocol):
             return pos, False
         size_text = bytes(data[pos:newline]).split(b";", 1)[0].strip()
         if _HEX.fullmatch(size_text) is None:
-            raise _Bad("protocol", f"bad chunk size {size_text[:40]!r}")
+            raise _Bad("protocol", f"bad chunk size ({len(size_text)} bytes, not hex)")
         size = int(size_text, 16)
         if size == 0:
             self.state = _TRAILERS
@@ -426,7 +427,7 @@ class _Conn(asyncio.Protocol):
             self._finish(data, pos, b"".join(self.parts))
             return None
         if b":" not in trailer:
-            raise _Bad("protocol", f"malformed trailer {bytes(trailer)[:40]!r}")
+            raise _Bad("protocol", f"malformed trailer ({len(trailer)} bytes, no colon)")
         if self.remaining > _MAX_HEAD:
             raise _Bad("too_large", f"trailers exceed {_MAX_HEAD} bytes")
         return pos, True
