@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -597,10 +598,16 @@ class DurableQueue:
         quarantined database, all count as settled. Use the ``last_id`` of a
         :class:`PutResult` to wait for what one process stored. Cheap when the answer is
         False (the front of the main queue, then the lease index); the retry groups'
-        keys are read only when those checks pass.
+        keys are read only when those checks pass. A read-only snapshot: it never waits
+        for another process's write lock.
         """
         bound = int(last_id)
-        return self._run("settled_through", lambda cache: model.settled_through(cache, bound))
+        return self._run(
+            "settled_through",
+            lambda cache: model.settled_through(cache, bound),
+            write=False,
+            snapshot=True,
+        )
 
     # ------------------------------------------------------------------ failure log
 
@@ -750,7 +757,10 @@ class DurableQueue:
     # ------------------------------------------------------------------ observing
 
     def stats(self) -> QueueStats:
-        """Counters, totals and the age of the oldest undelivered entry, in O(leases)."""
+        """Counters, totals and the age of the oldest undelivered entry, in O(leases).
+
+        A read-only snapshot: it never waits for another process's write lock.
+        """
         totals = self._storage.totals()
 
         def txn(cache: Any) -> QueueStats:
@@ -766,7 +776,7 @@ class DurableQueue:
                 delivery_state=model.delivery_state(cache),
             )
 
-        return self._run("stats", txn)
+        return self._run("stats", txn, write=False, snapshot=True)
 
     def counts(self) -> tuple[int, int]:
         """``(pending, in_flight)``: one indexed read, no write lock (for flush polling)."""
@@ -778,6 +788,17 @@ class DurableQueue:
         return self._run("counts", read, write=False)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def deadline(self, at: float | None) -> contextlib.AbstractContextManager[None]:
+        """Bound this thread's operations inside the ``with`` block by ``at``
+        (:func:`time.monotonic` seconds; None: only ``lock_timeout``).
+
+        An operation that would start after ``at`` raises :class:`QueueError` without
+        touching the database, and one under way gives up at ``at``, whatever holds it
+        up (a write lock held by another process, another thread of this one, the
+        directory lock, opening the database). Blocks nest; the earliest deadline wins.
+        """
+        return self._storage.deadline(at)
 
     def close(self) -> None:
         """Close this object's database connection; later calls raise :class:`QueueError`."""
@@ -803,17 +824,29 @@ class DurableQueue:
     # ------------------------------------------------------------------ internals
 
     def _run(
-        self, what: str, fn: Callable[[Any], _T], *, write: bool = True, frees_space: bool = False
+        self,
+        what: str,
+        fn: Callable[[Any], _T],
+        *,
+        write: bool = True,
+        frees_space: bool = False,
+        snapshot: bool = False,
     ) -> _T:
         storage = self._storage
-        if storage.opened != self._reclaimed_open and what != "reclaim" and not storage.closed:
-            # A database was (re)opened since the last operation: run the open-time reclaim.
+        if (
+            write
+            and storage.opened != self._reclaimed_open
+            and what != "reclaim"
+            and not storage.closed
+        ):
+            # A database was (re)opened since the last operation: run the open-time
+            # reclaim (with the next write: reads never wait for the write lock).
             self._reclaimed_open = storage.opened
             try:
                 self.reclaim()
             except QueueError as exc:
                 _log.debug("reclaim after reopening %s failed: %s", self.directory, exc)
-        return storage.run(what, fn, write=write, frees_space=frees_space)
+        return storage.run(what, fn, write=write, frees_space=frees_space, snapshot=snapshot)
 
     def _log_drops(self, refused: dict[str, int], evicted: int) -> None:
         now = time.monotonic()

@@ -8,17 +8,28 @@ rows: the queue hands it a ``probe`` (read a little of every kind of row) and a
 * :meth:`Storage.open` finds, creates, inspects, opens and probes the live database under
   the exclusive directory lock (constructing a ``Storage`` opens nothing);
 * :meth:`Storage.run` runs one function on the diskcache ``Cache`` in one transaction
+  (a write transaction, or a read-only snapshot that never waits for the write lock)
   under the shared directory lock, retrying a locked database until ``lock_timeout``,
   moving a corrupt one aside and retrying once on a fresh one, releasing the reserve and
   truncating the WAL when the disk is full, and raising :class:`QueueError` otherwise;
+* :meth:`Storage.deadline` bounds every operation of the calling thread inside it: none
+  starts after the deadline and none waits past it (the open included);
 * :meth:`Storage.quarantine` moves the live database aside and opens a fresh one;
   :meth:`Storage.totals` and :meth:`Storage.add_salvaged` read and update
   ``totals.json`` (quarantine counts survive the database they describe);
 * :meth:`Storage.close`.
 
+Waiting is bounded everywhere: SQLite's own busy handler waits at most
+``_BUSY_SLICE`` per statement, the rest of a wait for a locked database happens in
+Python between attempts, with :attr:`Storage.lock` released (so another thread of the
+process, or a fork, gets it within one slice), and diskcache's constructor (which
+retries a locked database for 60 s per statement on its own) gives up at the open's
+deadline.
+
 It also keeps connections safe across ``fork()`` (a child never closes its parent's
-connections and no thread is inside SQLite when the process forks), and the small
-ballast file ``reserve.bin``.
+connections, and no thread is inside SQLite when the process forks unless one stayed
+inside a statement longer than ``_FORK_WAIT``: a write to a stalled disk, which holds
+no SQLite-wide mutex), and the small ballast file ``reserve.bin``.
 """
 
 from __future__ import annotations
@@ -69,6 +80,8 @@ _log = logging.getLogger("per_buffer.queue")
 _T = TypeVar("_T")
 
 _OPEN_EXCLUSIVE_TRY: Final = 0.25
+_BUSY_SLICE: Final = 0.05  # seconds SQLite's busy handler may wait inside one statement
+_FORK_WAIT: Final = 0.2  # seconds a fork waits, in all, for threads inside SQLite
 
 CACHE_SETTINGS: Final[Mapping[str, Any]] = MappingProxyType(
     {
@@ -107,11 +120,15 @@ _HELD_AT_FORK: list[threading.RLock] = []
 def _before_fork() -> None:
     # No thread may be inside SQLite when the process forks: SQLite's global mutexes
     # (its allocator's, for one) would stay locked forever in the child, whose first
-    # connection would then hang. Every queue operation runs under its storage's lock.
+    # connection would then hang. Every statement runs under its storage's lock, which
+    # is released between attempts on a locked database; a thread that keeps it longer
+    # than _FORK_WAIT is blocked in the kernel (a stalled disk), not in a global mutex,
+    # and the fork goes on without waiting for the disk. The child replaces the lock.
+    until = time.monotonic() + _FORK_WAIT
     for storage in list(_INSTANCES):
         lock = storage.lock
-        lock.acquire()
-        _HELD_AT_FORK.append(lock)
+        if lock.acquire(timeout=max(0.0, until - time.monotonic())):
+            _HELD_AT_FORK.append(lock)
 
 
 def _after_fork_in_parent() -> None:
@@ -155,9 +172,43 @@ def _funlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def _sleep_backoff(delay: float, ceiling: float) -> float:
-    time.sleep(delay * random.uniform(0.5, 1.5))
+def _sleep_backoff(delay: float, ceiling: float, deadline: float = math.inf) -> float:
+    """Sleep about ``delay`` (never past ``deadline``); return the next delay."""
+    time.sleep(_pause(delay, deadline))
     return min(delay * 2, ceiling)
+
+
+def _pause(delay: float, deadline: float) -> float:
+    """``delay`` with jitter, cut to the time left until ``deadline``."""
+    return max(0.0, min(delay * random.uniform(0.5, 1.5), deadline - time.monotonic()))
+
+
+class _Cache(diskcache.Cache):  # type: ignore[misc]
+    """diskcache's ``Cache`` whose set-up gives up on a locked database at the open's
+    deadline: ``Cache.__init__`` writes its settings with statements it retries for
+    60 s each (``_sql_retry``), whatever the caller's patience."""
+
+    @property
+    def _sql_retry(self) -> Callable[..., Any]:
+        deadline = getattr(_OPENING, "deadline", None)
+        if deadline is None:
+            return diskcache.Cache._sql_retry.fget(self)  # type: ignore[no-any-return]
+        sql = self._sql
+
+        def execute(statement: str, *args: Any, **kwargs: Any) -> Any:
+            delay = 0.001
+            while True:
+                try:
+                    return sql(statement, *args, **kwargs)
+                except sqlite3.OperationalError as exc:
+                    if str(exc) != "database is locked" or time.monotonic() >= deadline:
+                        raise
+                    delay = _sleep_backoff(delay, 0.05, deadline)
+
+        return execute
+
+
+_OPENING = threading.local()  # .deadline: the monotonic time a _Cache set-up gives up
 
 
 # --------------------------------------------------------------------------- SQL outside diskcache
@@ -182,6 +233,23 @@ def _truncate_wal(cache: Any) -> None:
     if isinstance(con, sqlite3.Connection) and not con.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _begin_snapshot(cache: Any) -> None:
+    # A read transaction (BEGIN DEFERRED: a WAL snapshot, no write lock) on diskcache's
+    # connection of this thread, marked as diskcache's own so that its calls inside
+    # (peek opens BEGIN IMMEDIATE otherwise) nest in it. The storage lock keeps other
+    # threads off this Cache meanwhile (see "SQL outside diskcache's API").
+    cache._con.execute("BEGIN")
+    cache._txn_id = threading.get_ident()
+
+
+def _end_snapshot(cache: Any) -> None:
+    cache._txn_id = None
+    con = getattr(getattr(cache, "_local", None), "con", None)
+    if isinstance(con, sqlite3.Connection) and con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("COMMIT")
 
 
 def _recovered_frames(gen: Path, timeout: float) -> tuple[int, sqlite3.Connection]:
@@ -214,7 +282,8 @@ class _Retry:
 class Storage:
     """The live database of one queue directory, for one :class:`DurableQueue`.
 
-    Thread-safe: :meth:`run` serializes on :attr:`lock`. Attributes read by the queue:
+    Thread-safe: :meth:`run` serializes on :attr:`lock` (released while it waits for a
+    locked database). Attributes read by the queue:
     :attr:`directory`, :attr:`first_id` (ids of the live database start there),
     :attr:`generation` (its folder number), :attr:`opened` (how many times a database
     was (re)opened: the queue reclaims leases after each), :attr:`quarantined` (databases
@@ -240,7 +309,8 @@ class Storage:
     ) -> None:
         self.directory = directory
         self.lock_timeout = lock_timeout
-        self._busy_timeout = max(0.01, min(lock_timeout, 2.0))
+        self._busy_timeout = max(0.01, min(lock_timeout, _BUSY_SLICE))
+        self._local = threading.local()  # .deadline: set by deadline() for one thread
         self._reserve_bytes = reserve_bytes
         self._probe_rows = probe
         self._count_entries = count_entries
@@ -265,10 +335,53 @@ class Storage:
         """Open the live database (creating or replacing it when needed).
 
         Raises:
-            QueueError: no working database could be opened within ``lock_timeout``.
+            QueueError: no working database could be opened within ``lock_timeout``
+                (or before the thread's :meth:`deadline`).
         """
-        with self.lock:
-            self._open(time.monotonic() + self.lock_timeout)
+        self._check_fork()
+        deadline = self._deadline("open")
+        lock = self.lock
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise QueueError(self._busy("open"))
+        try:
+            self._open(deadline)
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def deadline(self, at: float | None) -> Iterator[None]:
+        """Bound the calling thread's operations inside the block by monotonic time
+        ``at`` (None: no bound beyond ``lock_timeout``): an operation that would start
+        after it raises :class:`QueueError` without touching the database, and one
+        under way gives up at it (waits for a locked database, for the storage's lock,
+        for the directory lock and for an open included). Blocks nest; the earliest
+        deadline wins."""
+        local = self._local
+        previous: float | None = getattr(local, "deadline", None)
+        if at is not None and previous is not None:
+            at = min(at, previous)
+        local.deadline = previous if at is None else at
+        try:
+            yield
+        finally:
+            local.deadline = previous
+
+    def _deadline(self, what: str) -> float:
+        """When an operation starting now must end: ``lock_timeout`` from now, or the
+        thread's :meth:`deadline` if earlier (raises when that has passed)."""
+        now = time.monotonic()
+        at: float | None = getattr(self._local, "deadline", None)
+        if at is None:
+            return now + self.lock_timeout
+        if now >= at:
+            raise QueueError(f"{what}: its deadline passed before it started ({self.directory})")
+        return min(at, now + self.lock_timeout)
+
+    def _busy(self, what: str) -> str:
+        return (
+            f"{what}: another thread kept the queue in {self.directory} busy past the "
+            "operation's deadline"
+        )
 
     def run(
         self,
@@ -277,25 +390,33 @@ class Storage:
         *,
         write: bool = True,
         frees_space: bool = False,
+        snapshot: bool = False,
     ) -> _T:
         """Run ``fn(cache)`` in one transaction (``write``) under the shared directory lock.
 
-        Without ``write`` it runs outside a transaction (one indexed read, no write lock).
-        Locked: retried with backoff until ``lock_timeout``. Corrupt: the database is
-        moved aside, a fresh one opened, and ``fn`` retried once. Disk full: for
-        operations that free space (``frees_space``) the reserve is released; then the
-        WAL is checkpointed and truncated and ``fn`` retried once. Anything else from
-        the storage: :class:`QueueError`.
+        Without ``write`` it runs outside a transaction (one indexed read, no write
+        lock), or with ``snapshot`` in a read transaction: a consistent view of several
+        rows that never waits for another writer (``fn`` must not write).
+        Locked: retried with backoff until ``lock_timeout`` (or the thread's
+        :meth:`deadline`), with :attr:`lock` released between attempts. Corrupt: the
+        database is moved aside, a fresh one opened, and ``fn`` retried once. Disk full:
+        for operations that free space (``frees_space``) the reserve is released; then
+        the WAL is checkpointed and truncated and ``fn`` retried once. Anything else
+        from the storage: :class:`QueueError`.
         """
         if self.closed:
             raise QueueError(f"{what}: the queue in {self.directory} is closed")
         self._check_fork()
-        with self.lock:
-            if self.closed:
-                raise QueueError(f"{what}: the queue in {self.directory} is closed")
-            deadline = time.monotonic() + self.lock_timeout
-            retry: _Retry | None = None  # made on the first failure: the common path is short
-            while True:
+        deadline = self._deadline(what)
+        lock = self.lock
+        retry: _Retry | None = None  # made on the first failure: the common path is short
+        while True:
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise QueueError(self._busy(what))
+            pause = 0.0
+            try:
+                if self.closed:
+                    raise QueueError(f"{what}: the queue in {self.directory} is closed")
                 cache = None
                 try:
                     if self.cache is None or not self._generation_current():
@@ -304,20 +425,31 @@ class Storage:
                     with self._directory_lock(False, deadline):
                         if not self._generation_current():
                             continue
-                        if not write:
+                        if write:
+                            with cache.transact():
+                                return fn(cache)
+                        if not snapshot:
                             return fn(cache)
-                        with cache.transact():
+                        _begin_snapshot(cache)
+                        try:
                             return fn(cache)
+                        finally:
+                            _end_snapshot(cache)
                 except QueueError:
                     raise
                 except STORAGE_ERRORS as exc:
                     if cache is not None:
                         _rollback_if_open(cache)
                     retry = retry or _Retry(deadline)
-                    self._recover(what, exc, cache, retry, frees_space)
+                    pause = self._recover(what, exc, cache, retry, frees_space)
+            finally:
+                lock.release()
+            if pause:
+                time.sleep(pause)  # without the lock: other threads (and a fork) go on
 
     def quarantine(self, problem: str) -> None:
         """Move the live database aside (unless another process did) and open a fresh one."""
+        self._check_fork()
         with self.lock:
             gen, ino = self._gen, self._gen_ino
             self._orphan_cache()
@@ -392,6 +524,7 @@ class Storage:
 
     def close(self) -> None:
         """Close the connection and the lock file; later :meth:`run` calls raise."""
+        self._check_fork()
         with self.lock:
             if self.closed:
                 return
@@ -412,17 +545,23 @@ class Storage:
 
     def _recover(
         self, what: str, exc: BaseException, cache: Any, retry: _Retry, frees_space: bool
-    ) -> None:
-        """Prepare the next try of :meth:`run` after ``exc``, or raise :class:`QueueError`."""
+    ) -> float:
+        """Prepare the next try of :meth:`run` after ``exc`` and return how long to wait
+        before it (without the lock), or raise :class:`QueueError`."""
         kind = classify(exc)
         if kind == "locked":
             if time.monotonic() >= retry.deadline:
+                until = (
+                    "until the operation's deadline"
+                    if getattr(self._local, "deadline", None) == retry.deadline
+                    else f"for more than {self.lock_timeout:g} s"
+                )
                 raise QueueError(
-                    f"{what}: the queue database in {self.directory} stayed "
-                    f"locked for more than {self.lock_timeout:g} s"
+                    f"{what}: the queue database in {self.directory} stayed locked {until}"
                 ) from exc
-            retry.delay = _sleep_backoff(retry.delay, 0.05)
-            return
+            pause = _pause(retry.delay, retry.deadline)
+            retry.delay = min(retry.delay * 2, 0.05)
+            return pause
         if kind == "corrupt":
             if retry.healed:
                 raise QueueError(
@@ -431,7 +570,7 @@ class Storage:
                 ) from exc
             retry.healed = True
             self.quarantine(f"{type(exc).__name__}: {exc}")
-            return
+            return 0.0
         if kind == "full":
             if frees_space and not retry.reserve_used and self._release_reserve():
                 retry.reserve_used = True
@@ -439,7 +578,7 @@ class Storage:
             if not retry.checkpointed and cache is not None:
                 retry.checkpointed = True
                 _truncate_wal(cache)
-                return
+                return 0.0
             raise QueueError(
                 f"{what}: no space left on the device holding {self.directory}"
             ) from exc
@@ -467,7 +606,7 @@ class Storage:
         while not _flock(fd, exclusive):
             if time.monotonic() >= deadline:
                 raise LockTimeout(f"could not lock {self.directory / LOCK_NAME}")
-            delay = _sleep_backoff(delay, 0.02)
+            delay = _sleep_backoff(delay, 0.02, deadline)
         try:
             yield
         finally:
@@ -504,13 +643,16 @@ class Storage:
     def _construct(self, gen: Path, deadline: float) -> Any:
         delay = 0.002
         while True:
+            _OPENING.deadline = deadline
             try:
-                return diskcache.Cache(str(gen), timeout=self._busy_timeout, **CACHE_SETTINGS)
+                return _Cache(str(gen), timeout=self._busy_timeout, **CACHE_SETTINGS)
             except (sqlite3.Error, diskcache.Timeout) as exc:
                 # Concurrent construction races ("database is locked", diskcache #266/#85).
                 if classify(exc) != "locked" or time.monotonic() >= deadline:
                     raise
-                delay = _sleep_backoff(delay, 0.05)
+                delay = _sleep_backoff(delay, 0.05, deadline)
+            finally:
+                _OPENING.deadline = None
 
     def _probe(self, cache: Any, deadline: float) -> None:
         """Cheap readability check of a freshly opened database (the queue's probe)."""
@@ -524,7 +666,7 @@ class Storage:
                 _rollback_if_open(cache)
                 if classify(exc) != "locked" or time.monotonic() >= deadline:
                     raise
-                delay = _sleep_backoff(delay, 0.05)
+                delay = _sleep_backoff(delay, 0.05, deadline)
 
     def _install(self, gen: Path, cache: Any) -> None:
         number = generation_number(gen.name) or 1
@@ -611,7 +753,7 @@ class Storage:
                 return False
             if time.monotonic() >= deadline:
                 return False
-            delay = _sleep_backoff(delay, 0.02)
+            delay = _sleep_backoff(delay, 0.02, deadline)
 
     def _open_error(self, exc: BaseException) -> QueueError:
         kind = classify(exc)
@@ -639,7 +781,7 @@ class Storage:
                 cache = None
                 try:
                     if promised is not None:
-                        problem = self._check_recovery(gen, promised)
+                        problem = self._check_recovery(gen, promised, deadline)
                         if problem is not None:
                             self._move_aside(gen, problem)
                             continue
@@ -676,9 +818,9 @@ class Storage:
             raise self._open_error(exc) from exc
         return gen
 
-    def _check_recovery(self, gen: Path, promised: int) -> str | None:
+    def _check_recovery(self, gen: Path, promised: int, deadline: float) -> str | None:
         """After a crash: did SQLite's recovery keep every frame the index promised?"""
-        kept, con = _recovered_frames(gen, self._busy_timeout)
+        kept, con = _recovered_frames(gen, max(0.01, deadline - time.monotonic()))
         if 0 <= kept < promised:
             _ORPHANS.append(con)  # keep the damaged WAL for the quarantine folder
             return (
