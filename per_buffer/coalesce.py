@@ -12,7 +12,10 @@ The rule (for a repeat recorded at local time ``t`` in the window
 
 * a copy of the key recorded by this process is still in its memory batch:
   it has not been sent, so it is sent (with its fate) no earlier than the repeat's
-  own copy would be (in sync mode there is no such copy: a repeat writes its own); or
+  own copy would be, and it leaves memory stamped with the time of the latest
+  repeat it stood for (:meth:`Coalescer.take`), so that the delivery side never lets
+  it ride on a request sent before that repeat was recorded (in sync mode there is
+  no such copy: a repeat writes its own); or
 * ``start + margin <= t < end - margin`` (outside the *uncertain zones* at both
   ends of the window) and Per acknowledged a copy of the key that was *sent* at or
   after ``start + margin`` in this window (by the local clock).
@@ -20,8 +23,9 @@ The rule (for a repeat recorded at local time ``t`` in the window
 Nothing else stands for a repeat. A copy on disk, in flight or being retried does
 not: its request may already have reached Per before the repeat was recorded (in
 an earlier window), or it may fail while the repeat's own request would have
-succeeded. A copy that leaves the memory batch for the disk stops suppressing
-repeats; so does one dropped from memory. Every window starts empty.
+succeeded. A copy stops suppressing repeats when the committer takes it for the
+disk (again if the write fails and it goes back to memory) and when it is dropped
+from memory. Every window starts empty.
 
 Why it is exact: an acknowledged copy sent at ``s >= start + margin`` was stamped
 by Per between ``s`` and its answer, which came before the repeat was recorded at
@@ -47,8 +51,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 
 __all__ = ["Coalescer", "DeliveredKeys"]
-
-_UNSENT = -1.0  # a copy waits in this process's memory batch
 
 
 class _Window:
@@ -83,7 +85,7 @@ class Coalescer:
             which only costs extra sends.
     """
 
-    __slots__ = ("_seen", "_w", "evictions", "max_keys")
+    __slots__ = ("_seen", "_stood", "_unsent", "_w", "evictions", "max_keys")
 
     def __init__(self, window: float, margin: float = 30.0, max_keys: int = 1_000_000) -> None:
         if max_keys < 1:
@@ -91,7 +93,13 @@ class Coalescer:
         self._w = _Window(window, margin)
         self.max_keys = max_keys
         self.evictions = 0
+        # per key: the local send time of the latest acknowledged copy (>= 0), or
+        # ``_unsent`` while a copy waits in the memory batch; each take moves ``_unsent``
+        # (-1, -2, ...), so the anchors of the copies it took stop counting at once
         self._seen: dict[Hashable, float] = {}
+        self._unsent = -1.0
+        # per key with a copy in memory: the latest repeat suppressed in its favour
+        self._stood: dict[Hashable, float] = {}
 
     @property
     def window(self) -> float:
@@ -111,8 +119,8 @@ class Coalescer:
         """True if this call must be enqueued, False if it may be suppressed.
 
         ``batched``: the admitted copy waits in a memory batch (and suppresses repeats
-        until :meth:`committed`); False in sync mode, where each call is written before
-        it returns and only a written copy suppresses repeats.
+        until :meth:`take`); False in sync mode, where each call is written before it
+        returns and only an acknowledged copy suppresses repeats.
         """
         w = self._w
         seen = self._seen
@@ -123,24 +131,40 @@ class Coalescer:
             seen = self._seen = {}
         else:
             anchor = seen.get(key)
-            if anchor is not None and (
-                anchor == _UNSENT or (w.safe_start <= anchor and w.safe_start <= now < w.safe_end)
-            ):
-                return False
+            if anchor is not None:
+                if anchor == self._unsent:  # the copy in memory stands for this call
+                    stood = self._stood
+                    if now > stood.get(key, -1.0):
+                        stood[key] = now
+                    return False
+                if w.safe_start <= anchor and w.safe_start <= now < w.safe_end:
+                    return False
         if batched:
             if len(seen) >= self.max_keys:
                 self.evictions += len(seen)
                 seen.clear()
-            seen[key] = _UNSENT
+            seen[key] = self._unsent
         return True
 
-    def committed(self, keys: Iterable[Hashable]) -> None:
-        """Copies of ``keys`` left the memory batch for the disk queue: they no longer
-        suppress repeats (only an acknowledgement of theirs will)."""
+    def take(self) -> dict[Hashable, float]:
+        """The committer takes the whole memory batch (held copies included) for the
+        disk: its copies stop suppressing repeats at once.
+
+        Returns, per key, the local time of the latest call suppressed in favour of
+        its copy: the copy must be stored with that time (if later than its own) as
+        the time it was recorded, because it stands for that call.
+        """
+        self._unsent -= 1.0
+        stood, self._stood = self._stood, {}
+        return stood
+
+    def held(self, keys: Iterable[Hashable]) -> None:
+        """Taken copies of ``keys`` went back to memory (the write failed): they stand
+        for repeats again until the next :meth:`take`."""
         seen = self._seen
         for key in keys:
-            if seen.get(key) == _UNSENT:
-                del seen[key]
+            if key in seen or len(seen) < self.max_keys:
+                seen[key] = self._unsent
 
     def acknowledged(self, key: Hashable, sent_at: float) -> None:
         """Per acknowledged a copy of ``key`` sent at local time ``sent_at``."""
@@ -152,11 +176,12 @@ class Coalescer:
             if len(self._seen) >= self.max_keys:
                 return
             self._seen[key] = sent_at
-        elif anchor != _UNSENT and anchor < sent_at:
+        elif anchor != self._unsent and anchor < sent_at:
             self._seen[key] = sent_at
 
     def failed(self, key: Hashable) -> None:
-        """A copy of ``key`` was dropped from memory (or failed): forget the key."""
+        """A copy of ``key`` was dropped from memory (or failed): forget the key (a
+        time noted for :meth:`take` is kept: a later stamp only costs a ride)."""
         self._seen.pop(key, None)
 
     def forget(self) -> None:

@@ -22,15 +22,46 @@ def test_a_copy_on_disk_or_in_flight_suppresses_nothing() -> None:
     repeat's own would have succeeded: only an acknowledgement stands for a repeat."""
     c = Coalescer(W, 30)
     assert c.admit("k", BASE + 100)
-    c.committed(["k"])
+    c.take()
     assert c.admit("k", BASE + 500)
     assert not c.admit("k", BASE + 500.1)  # that new copy is unsent again
+
+
+def test_a_taken_copy_is_stamped_with_the_latest_call_it_stood_for() -> None:
+    """A copy stands for the repeats suppressed while it waited in memory: it must
+    never ride on a request sent before the latest of them was recorded."""
+    c = Coalescer(W, 30)
+    assert c.admit("k", BASE + 100)
+    assert c.admit("j", BASE + 100)
+    assert not c.admit("k", BASE + 103)
+    assert not c.admit("k", BASE + 102)  # the clock stepped back: the latest stays
+    assert c.take() == {"k": BASE + 103}
+    assert c.take() == {}  # each call is reported to one take only
+    assert c.admit("k", BASE + 104)  # taken: on its way to the disk, it stands for nothing
+
+
+def test_a_held_copy_stands_for_repeats_again() -> None:
+    c = Coalescer(W, 30)
+    assert c.admit("k", BASE + 100)
+    c.take()
+    assert c.admit("k", BASE + 101)  # taken: a new copy
+    c.take()
+    c.held(["k"])  # the write failed; both copies wait in memory again
+    assert not c.admit("k", BASE + 102)
+    assert c.take() == {"k": BASE + 102}
+    assert c.admit("k", BASE + 103)
+
+
+def test_a_held_copy_never_grows_the_memory_past_its_bound() -> None:
+    c = Coalescer(W, 0, max_keys=2)
+    c.held(["a", "b", "c"])
+    assert len(c) == 2
 
 
 def test_an_acknowledgement_covers_the_safe_part_only() -> None:
     c = Coalescer(W, 30)
     assert c.admit("k", BASE + 100)
-    c.committed(["k"])
+    c.take()
     c.acknowledged("k", BASE + 100.5)  # sent after the start zone
     assert not c.admit("k", BASE + 500)
     assert not c.admit("k", BASE + W - 30.001)
@@ -40,10 +71,10 @@ def test_an_acknowledgement_covers_the_safe_part_only() -> None:
 def test_an_acknowledgement_of_a_copy_sent_in_the_start_zone_covers_nothing() -> None:
     c = Coalescer(W, 30)
     assert c.admit("k", BASE + 5)
-    c.committed(["k"])
+    c.take()
     c.acknowledged("k", BASE + 5.5)  # it may have landed in Per's previous window
     assert c.admit("k", BASE + 40)
-    c.committed(["k"])
+    c.take()
     c.acknowledged("k", BASE + 31)  # sent late, after the start zone
     assert not c.admit("k", BASE + 41)
     c.acknowledged("someone-elses", BASE + 50)  # delivered by this process's worker
@@ -53,7 +84,7 @@ def test_an_acknowledgement_of_a_copy_sent_in_the_start_zone_covers_nothing() ->
 def test_an_acknowledgement_from_another_window_is_ignored() -> None:
     c = Coalescer(W, 30)
     assert c.admit("k", BASE + 100)
-    c.committed(["k"])
+    c.take()
     c.acknowledged("k", BASE - 100)  # the previous window
     assert c.admit("k", BASE + 200)
 
@@ -78,7 +109,7 @@ def test_sync_mode_suppresses_only_acknowledged_copies() -> None:
     c = Coalescer(W, 30)
     assert c.admit("k", BASE + 100, batched=False)
     assert c.admit("k", BASE + 100.5, batched=False)  # the first write is still under way
-    c.committed(["k"])
+    c.take()
     assert c.admit("k", BASE + 101, batched=False)  # on disk is not delivered
     c.acknowledged("k", BASE + 100.7)
     assert not c.admit("k", BASE + 101, batched=False)
@@ -95,7 +126,7 @@ def test_every_window_starts_empty_and_the_clock_going_back_too() -> None:
 def test_no_safe_part_when_the_margins_cover_the_window() -> None:
     c = Coalescer(60, 30)
     assert c.admit("k", BASE + 10)
-    c.committed(["k"])
+    c.take()
     c.acknowledged("k", BASE + 10)
     assert c.admit("k", BASE + 20)
 

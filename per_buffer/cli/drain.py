@@ -20,6 +20,7 @@ from ._common import (
     activity_token,
     add_command,
     base_url,
+    directory_source,
     env,
     error_line,
     interrupt_code,
@@ -49,6 +50,8 @@ it says how many activities are left and where: they stay on disk.
 delivers whatever recorders commit (set PER_BUFFER_DELIVERY=external in the
 recording processes so that they never start their own). While another
 drainer runs for the directory it waits and takes over when that one ends.
+A directory that does not exist yet (or is empty) is created: the sidecar
+may start before the first recorder.
 """
 
 EXIT_CODES = f"""\
@@ -95,7 +98,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """``per-buffer drain``: deliver everything left in a queue directory."""
-    path = queue_directory(args.dir)
+    path = _follow_directory(args.dir) if args.follow else queue_directory(args.dir)
     token = activity_token()
     url = base_url()
     if args.follow:
@@ -194,16 +197,22 @@ class _Drain:
         )
 
     def left_on_disk(self) -> int:
-        """Activities still undelivered in the directory (after the recorder closed)."""
-        from ..queue import DurableQueue  # noqa: PLC0415  (only on interruption)
+        """Activities still undelivered in the directory (after the recorder closed), read
+        without opening the queue (which could wait for a write lock held elsewhere: an
+        interrupted command must end at once); else the recorder's last figures."""
+        from ..queue import inspect  # noqa: PLC0415  (only on interruption)
 
         try:
-            with DurableQueue(self.path, reserve_bytes=0) as queue:
-                pending, in_flight = queue.counts()
+            found = inspect(self.path)
+        except Exception:
+            found = None
+        if found is not None:
+            return found.pending + found.in_flight
+        try:
+            stats: RecorderStats | None = self.recorder.stats()
         except Exception:
             stats = self.stats
-            return 0 if stats is None else stats.pending + stats.in_flight
-        return pending + in_flight
+        return 0 if stats is None else stats.pending + stats.in_flight
 
     def finish(self) -> int:
         """The summary on stdout; 0, or a CLIError saying what is left and why."""
@@ -235,6 +244,27 @@ class _Drain:
             f"{left:,} activities not delivered within {self.timeout:g} s{reason}; they stay in "
             f"{path}: run '{PROG} drain' again or raise --timeout"
         )
+
+
+def _follow_directory(arg: str | None) -> Path:
+    """The directory ``--follow`` drains: one that does not exist yet (or is empty) is
+    made, since a sidecar may start before the first recorder; the drainer creates the
+    queue in it."""
+    path, source = directory_source(arg)
+    if path is None or (path.exists() and not _empty_directory(path)):
+        return queue_directory(arg)  # the usual checks and messages
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create the queue directory {path} (from {source}): {exc}") from None
+    return path
+
+
+def _empty_directory(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
 
 
 def _follow(path: Path, token: str, url: str, concurrency: int | None) -> int:

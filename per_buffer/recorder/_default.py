@@ -9,8 +9,8 @@ import os
 import threading
 from typing import Any
 
-from ._recorder import Recorder, registry
-from ._reentry import LOCK_HOLDERS, reentrant
+from ._recorder import Recorder, registry, renew_fork_reset_lock
+from ._reentry import reentrant
 
 __all__ = ["configure", "flush", "get_recorder", "record", "shutdown"]
 
@@ -31,6 +31,10 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    # a thread of the parent may have held these at the fork: it does not exist here
+    global _default_lock
+    _default_lock = threading.RLock()
+    renew_fork_reset_lock()
     for recorder in list(registry):
         recorder._after_fork_in_child()
 
@@ -44,15 +48,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def _close_all_at_exit() -> None:
+    # Only close(): it writes the memory batch, and delivers up to exit_timeout only where
+    # no drainer goes on; it reads nothing from the disk that could keep the exit waiting.
     for recorder in list(registry):
         try:
-            stats = recorder.stats()
-            if stats.pending or stats.in_flight:
-                logger.info(
-                    "per_buffer: delivering %d pending activities before exit (up to %.1f s)",
-                    stats.pending + stats.in_flight,
-                    recorder.config.exit_timeout,
-                )
             recorder.close(recorder.config.exit_timeout)
         except Exception:
             logger.exception("per_buffer: closing a recorder at exit failed")
@@ -64,7 +63,9 @@ atexit.register(_close_all_at_exit)
 # ---------------------------------------------------------------------- module-level API
 
 _default: Recorder | None = None
-_default_lock = threading.Lock()
+# Reentrant: a signal handler that interrupted the first record() (building the default
+# recorder under this lock) may call get_recorder() or configure() on the same thread.
+_default_lock = threading.RLock()
 
 
 def configure(**options: Any) -> Recorder:
@@ -89,8 +90,18 @@ def get_recorder() -> Recorder:
         return recorder
     with _default_lock:
         if _default is None:
-            _default = Recorder()
+            recorder = Recorder()  # never waits for the disk: its committer opens the queue
+            current = _current()  # a signal handler on this thread may have built one
+            if current is None:
+                _default = current = recorder
+            else:
+                recorder.close(0.0)
+            return current
         return _default
+
+
+def _current() -> Recorder | None:
+    return _default
 
 
 def record(billing_id: str, user_id: str, activity_type_id: str | None = None) -> None:
@@ -112,7 +123,8 @@ def shutdown(timeout: float | None = None) -> None:
 
     Safe from a signal handler (the usual SIGTERM pattern): when the handler
     interrupted this library, the close runs in a background thread and the exit
-    handler waits for it.
+    handler waits for it (the recorder stays the default one until then, counting
+    later calls as dropped).
     """
     global _default
     if reentrant():
@@ -124,6 +136,3 @@ def shutdown(timeout: float | None = None) -> None:
         recorder, _default = _default, None
     if recorder is not None:
         recorder.close(timeout)
-
-
-LOCK_HOLDERS.update(function.__code__ for function in (get_recorder, configure))

@@ -8,6 +8,9 @@
   as a sidecar or a systemd unit); recorders never start one.
 
 Each mode gives the recorder the same few operations and the figures for its stats.
+The recorder's committer thread calls :meth:`DeliveryMode.start` and
+:meth:`DeliveryMode.check`, so a ``record()`` call never waits for what they do
+(creating lock files, starting a process).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -70,9 +73,13 @@ class DeliveryMode:
     """The operations a recorder needs from whoever delivers (a base: delivers nothing)."""
 
     name = "thread"
+    #: The figures come from the queue's counters (another process delivers).
+    figures_on_disk = False
+    #: start() starts a drainer process, which delivers after this process is gone.
+    spawns = False
 
     def start(self) -> None:
-        """Begin delivering (idempotent; never blocks the caller)."""
+        """Begin delivering (idempotent; may touch the disk: the committer calls it)."""
 
     def wake(self) -> None:
         """A batch was committed."""
@@ -84,16 +91,21 @@ class DeliveryMode:
         """Deliver with priority (flush mode) until ``done()`` or the deadline."""
         return False
 
-    def delivers_after_exit(self) -> bool:
-        """True when delivery goes on after this process closes (a live drainer)."""
+    def delivers_after_exit(self, timeout: float) -> bool:
+        """True when delivery goes on after this process closes (a live drainer); waits
+        at most ``timeout`` seconds to find out."""
         return False
 
     def stop(self, timeout: float) -> bool:
         """Stop this process's part of delivery; True when it stopped in time."""
         return True
 
+    def observe(self, stats: QueueStats) -> None:
+        """The recorder read the queue's figures (not from a signal handler)."""
+
     def figures(self, stats: QueueStats | None) -> Figures:
-        """Delivery's counters for the recorder's stats."""
+        """Delivery's counters for the recorder's stats (takes no lock: a signal handler
+        may ask)."""
         return Figures()
 
 
@@ -167,13 +179,63 @@ class ThreadDelivery(DeliveryMode):
         )
 
 
+_Counts = tuple[int, int, int]  # delivered (acknowledged), coalesced, dead-lettered
+
+
+def _counts(stats: QueueStats) -> _Counts:
+    return (stats.delivered, stats.coalesced, stats.dead_lettered_total)
+
+
+def _plus(a: _Counts, b: _Counts) -> _Counts:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+def _minus(a: _Counts, b: _Counts) -> _Counts:
+    return (a[0] - b[0], a[1] - b[1], a[2] - b[2])
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the queue's counters said, replaced whole (a signal handler reads it).
+
+    The counters restart from zero in a fresh database after a quarantine: what this
+    recorder saw counted in the old one is ``carried`` over, and the new one counts
+    from zero (it was made when the old one was moved aside).
+    """
+
+    generation: int
+    base: _Counts  # the counters of this generation when this recorder began
+    carried: _Counts  # counted in earlier generations since then
+    last: _Counts  # the latest counters of this generation
+
+    def total(self, stats: QueueStats | None) -> _Counts:
+        if stats is not None and stats.generation == self.generation:
+            now = _counts(stats)
+        elif stats is not None and stats.generation > self.generation:
+            return _plus(_plus(self.carried, _minus(self.last, self.base)), _counts(stats))
+        else:
+            now = self.last
+        return _plus(self.carried, _minus(now, self.base))
+
+    def after(self, stats: QueueStats) -> _Seen:
+        if stats.generation == self.generation:
+            return replace(self, last=_counts(stats))
+        if stats.generation < self.generation:
+            return self
+        zero = (0, 0, 0)
+        return _Seen(stats.generation, zero, self.total(None), _counts(stats))
+
+
 class DrainerDelivery(DeliveryMode):
     """The directory's drainer process delivers; this process starts one when none runs."""
 
     name = "process"
     spawns = True
+    figures_on_disk = True
 
-    def __init__(self, queue: DurableQueue, config: RecorderConfig, python: str | None) -> None:
+    def __init__(
+        self, queue: DurableQueue, config: RecorderConfig, python: str | None, stats: QueueStats
+    ) -> None:
         self._queue = queue
         self._config = config
         self._python = python
@@ -184,8 +246,9 @@ class DrainerDelivery(DeliveryMode):
         self._warned = False
         self._created_at = time.time()
         self._handed_over: int | None = None  # the pid this recorder asked to step down
-        stats = queue.stats()
-        self._base = (stats.delivered, stats.coalesced, stats.dead_lettered_total)
+        now = _counts(stats)
+        self._seen = _Seen(stats.generation, now, (0, 0, 0), now)
+        self._observing = threading.Lock()
 
     def _options(self) -> DrainerOptions:
         config = self._config
@@ -270,12 +333,12 @@ class DrainerDelivery(DeliveryMode):
                 self.check()
             time.sleep(_WAIT_STEP if deadline is None else min(_WAIT_STEP, deadline - now))
 
-    def delivers_after_exit(self) -> bool:
+    def delivers_after_exit(self, timeout: float) -> bool:
         spawning = self._spawning
         if spawning is not None and spawning.is_alive():
             # a drainer being started delivers once its process exists: no need to wait
             # for it to be ready (close() stays in milliseconds)
-            return self._started.wait(_SPAWN_EXISTS)
+            return self._started.wait(min(_SPAWN_EXISTS, timeout))
         return drainer_running(self._directory)
 
     def _take_over_if_outdated(self) -> None:
@@ -310,10 +373,14 @@ class DrainerDelivery(DeliveryMode):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
 
+    def observe(self, stats: QueueStats) -> None:
+        with self._observing:
+            self._seen = self._seen.after(stats)
+
     def figures(self, stats: QueueStats | None) -> Figures:
         if stats is None:
             return Figures()
-        delivered, coalesced, dead = self._base
+        acknowledged, coalesced, dead = self._seen.total(stats)
         state: Mapping[str, Any] = stats.delivery_state or {}
         failures = state.get("failures")
         paused_until = state.get("paused_until")
@@ -321,9 +388,9 @@ class DrainerDelivery(DeliveryMode):
             paused_until = None
         reason = state.get("pause_reason")
         return Figures(
-            delivered=(stats.delivered - delivered) - (stats.coalesced - coalesced),
-            coalesced=stats.coalesced - coalesced,
-            dead_lettered=stats.dead_lettered_total - dead,
+            delivered=acknowledged - coalesced,
+            coalesced=coalesced,
+            dead_lettered=dead,
             retried=int(state.get("retried") or 0),
             late_deliveries=int(state.get("late_deliveries") or 0),
             last_error=state.get("last_error"),
@@ -345,7 +412,7 @@ class ExternalDelivery(DrainerDelivery):
     name = "external"
     spawns = False
 
-    def delivers_after_exit(self) -> bool:
+    def delivers_after_exit(self, timeout: float) -> bool:
         """Delivery is someone else's: close() only writes to disk, never waits for it."""
         return True
 

@@ -2,12 +2,20 @@
 
 Flow: ``record()`` validates its arguments, asks the coalescer whether a repeat may
 be left unsent (see :mod:`per_buffer.coalesce` for the rule), and appends the
-activity to a bounded memory batch (or, in ``sync`` mode, writes it to disk before
-returning). A committer thread writes each batch to the
-:class:`~per_buffer.queue.DurableQueue` within ``commit_interval`` (or as soon as it
-gets the CPU); delivery drains the queue to Per. ``record()`` never waits for the
-disk, for a lock held across I/O or for another thread: when the committer falls
-behind, the batch grows up to ``memory_buffer`` and then drops with a count.
+activity to a bounded memory batch (in ``sync`` mode it then waits until a commit
+settled it). A committer thread, started with the recorder, opens the
+:class:`~per_buffer.queue.DurableQueue`, writes each batch to it within
+``commit_interval`` (or as soon as it gets the CPU) and keeps delivery going;
+delivery drains the queue to Per. ``record()`` never waits for the disk, for a lock
+held across I/O or for another thread: when the committer falls behind (or the
+database stays locked), the batch grows up to ``memory_buffer`` and then drops with
+a count.
+
+Every wait is bounded: queue operations by the queue's ``lock_timeout`` or a
+caller's deadline (``close()``, ``flush()``, a fork), reads for figures are
+read-only snapshots that never wait for another process's write lock, and the API a
+signal handler may call takes no lock when it interrupted this library
+(:mod:`._reentry`).
 
 Every activity is accounted for: at quiescence, for one recorder on a private
 directory, ``recorded == coalesced + delivered + dead_lettered + pending + in_flight
@@ -17,6 +25,8 @@ directory, ``recorded == coalesced + delivered + dead_lettered + pending + in_fl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import sys
@@ -27,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..coalesce import Coalescer
 from ..config import RecorderConfig
@@ -38,13 +48,14 @@ from ..models import MAX_ID_LENGTH, validate_id
 from ..queue import DurableQueue, PutResult, QueueStats
 from ..stats import RecorderStats
 from ._modes import DeliveryMode, DrainerDelivery, ExternalDelivery, Figures, ThreadDelivery
-from ._reentry import LOCK_HOLDERS, reentrant
+from ._reentry import reentrant
 
 __all__ = ["Recorder", "registry"]
 
 logger = logging.getLogger("per_buffer.recorder")
 
 _Key = tuple[str, str, str]  # (billing_id, user_id, activity_type_id)
+_T = TypeVar("_T")
 _MAX = MAX_ID_LENGTH
 _getpid = os.getpid
 _monotonic = time.monotonic
@@ -52,14 +63,25 @@ _monotonic = time.monotonic
 _HELD_RETRY_MIN = 0.2
 _HELD_RETRY_MAX = 5.0
 _LOG_EVERY = 60.0
-_FEEDBACK_CHUNK = 256  # keys per hold of the hot path's lock when a batch is committed
 _CLOSE_SLACK = 0.45  # seconds close() may take beyond its timeout, to stop threads
 _COMMIT_GRACE = 0.3  # seconds the committer gets for its last write after the deadline
+_LOCK_TIMEOUT = 2.0  # a write lock held elsewhere fails a queue operation within this
+_OPEN_WAIT = _LOCK_TIMEOUT + 0.5  # stats() waits this long for the committer's first open
+_SYNC_WAIT = 0.05  # a sync record() looks this often whether a commit settled its call
+_FORK_COMMIT = 0.05  # seconds a fork may spend writing the memory batch
+_FORK_LOCK_WAIT = 0.05  # seconds a fork waits for the recorder's (short-held) lock
+_REFRESH_EVERY = 1.0  # seconds between the committer's reads of a drainer's figures
 
 
 #: Every open recorder of this process (for the fork hooks and the exit handler).
 registry: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _fork_reset_lock = threading.Lock()  # one reset per recorder when several threads notice
+
+
+def renew_fork_reset_lock() -> None:
+    """In a forked child: a parent thread may have held the reset lock at the fork."""
+    global _fork_reset_lock
+    _fork_reset_lock = threading.Lock()
 
 
 class Recorder:
@@ -70,11 +92,12 @@ class Recorder:
 
     ``record()`` never waits on the network or the disk (in the default mode) and
     never raises for a runtime fault; bad arguments raise ``TypeError``/``ValueError``
-    at once.
+    at once. Constructing one never waits for the database either: it creates the
+    directory, and its committer thread opens the queue in the background.
 
     Raises:
         ValueError: a missing token or activity type, or a bad setting.
-        ConfigurationError: the queue directory cannot be created, locked or written.
+        ConfigurationError: the queue directory cannot be created or written.
     """
 
     def __init__(
@@ -111,26 +134,30 @@ class Recorder:
         self._enqueued = 0
         self._queue_errors = 0
         self._dropped: dict[str, int] = {}
-        self._closed = False
+        self._closed = False  # record() counts calls as dropped; no thread starts
+        self._shut = False  # close() finished
         self._closed_warned = False
-        self._closer: threading.Thread | None = None
         self._last_queue_log = -_LOG_EVERY
+        self._last_sync_log = -_LOG_EVERY
         self._last_error: str | None = None
-        self._queue: DurableQueue | None = None
+        self._queue: DurableQueue | None = None  # set once open, figures read, delivery chosen
+        self._opening: DurableQueue | None = None  # made, not usable yet: retried
+        self._open_attempts = 0
         self._last_id: int | None = None  # the highest id this process stored
         self._feed_seq = 0
         self._generation = 0
         self._quarantined_at_open = 0
         self._lag_max = 0.0
         self._queue_stats: QueueStats | None = None  # the last read, for signal handlers
+        self._stats_read_at = -_REFRESH_EVERY
         self._queue_closed = False
+        self._close_deadline: float | None = None  # no write after it (close() sets it)
         self._attached: FileLock | None = None  # recorders.lock, held shared while open
         self._reset_process_state()
-        if self._enabled:
-            self._open_queue(initial=True)
-            if self._backlog():
-                self._ensure_threads()
         registry.add(self)
+        if self._enabled:
+            self._prepare_directory()
+            self._ensure_threads()
 
     # ------------------------------------------------------------------ setup
 
@@ -140,14 +167,23 @@ class Recorder:
         ``_pid`` is set last: another thread sees the new pid only once the new
         locks and buffers exist.
         """
-        self._threads_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._commit_lock = threading.Lock()
+        self._threads_lock = threading.Lock()  # held while starting the committer only
+        self._lock = threading.Lock()  # never held across I/O or a wait
+        self._commit_lock = threading.Lock()  # held by whoever writes a batch
+        self._close_lock = threading.Lock()  # one close() at a time
+        self._close_claim = threading.Lock()  # taken once, without waiting: one closer thread
         self._buffer: list[tuple[_Key, float]] = []
         self._held: deque[tuple[_Key, float]] = deque()
-        self._committing = 0  # activities the committer took and has not stored yet
+        self._committing = 0  # activities a commit took and has not stored yet
         self._committing_since = 0.0  # monotonic time the oldest of them was recorded
-        self._abandoned = False  # close() gave up on the committer's batch and counted it
+        self._takes = 0  # batches taken from memory so far (each by one commit)
+        self._stored_take = 0  # the last take stored: every call before it is settled
+        self._failed_take = 0  # the last take the disk refused (back in memory)
+        self._abandoned = False  # close() gave up on a batch being written and counted it
+        self._final = False  # close() counted what was left in memory; nobody retries
+        self._want_delivery = False  # something to deliver: keep delivery going
+        self._delivering = False  # delivery.start() was called in this process
+        self._fork_held = False  # the fork hook holds _lock
         self._commit_pending = False
         self._urgent = False  # a flush or close waits: commit without waiting for neighbours
         self._buffer_since = 0.0  # monotonic time of the oldest activity in _buffer
@@ -160,34 +196,67 @@ class Recorder:
         self._held_delay = _HELD_RETRY_MIN
         self._pid = os.getpid()
 
-    def _open_queue(self, *, initial: bool = False) -> bool:
-        config = self._config
+    def _prepare_directory(self) -> None:
+        """Create the queue directory (mode 0700) and check that it can be written: a
+        bad directory is a ConfigurationError at once. Nothing waits for the database."""
+        directory = self._config.directory
         try:
-            queue = DurableQueue(
-                config.directory,
-                max_items=config.max_queue_items,
-                max_bytes=config.max_queue_bytes,
-                full_policy=config.full_policy,
-                lease_seconds=config.lease_seconds,
-                # a write lock held elsewhere fails a put within 2 s (the batch waits in
-                # memory and is retried) instead of stalling flush() and close()
-                lock_timeout=2.0,
-                max_delay=config.backoff_max,
-            )  # real time: leases must not expire at the speed of a test's clock
-            stats = queue.stats()
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "cannot write there", str(directory))
+        except OSError as exc:
+            raise ConfigurationError(_unusable(directory, exc)) from None
+
+    def _open_queue(self) -> bool:
+        """Open the queue, read its figures and choose delivery (in a forked child: take
+        the parent's queue object over). The caller holds the commit lock: the committer,
+        or a sync record(). Bounded by the queue's lock timeout (and close()'s deadline);
+        on failure the next commit or committer pass tries again."""
+        config = self._config
+        queue = self._queue or self._opening
+        try:
+            if queue is None:
+                if _passed(self._close_deadline):
+                    raise QueueError(
+                        f"the queue in {config.directory} was not opened before close()"
+                    )
+                queue = self._opening = DurableQueue(
+                    config.directory,
+                    max_items=config.max_queue_items,
+                    max_bytes=config.max_queue_bytes,
+                    full_policy=config.full_policy,
+                    lease_seconds=config.lease_seconds,
+                    # a write lock held elsewhere fails an operation within 2 s (the batch
+                    # waits in memory and is retried) instead of stalling flush() and close()
+                    lock_timeout=_LOCK_TIMEOUT,
+                    max_delay=config.backoff_max,
+                )  # real time: leases must not expire at the speed of a test's clock
+            with queue.deadline(self._close_deadline):
+                stats = queue.stats()
         except (QueueError, OSError) as exc:
-            if initial:
-                raise ConfigurationError(_unusable(config.directory, exc)) from None
             self._queue_fault(exc)
+            self._held_delay = min(_HELD_RETRY_MAX, self._held_delay * 2)
+            self._opened_attempt()
             return False
-        self._queue = queue
+        self._opening = None
         self._queue_stats = stats
+        self._stats_read_at = _monotonic()
         self._generation = stats.generation
         self._feed_seq = stats.failure_seq
         self._quarantined_at_open = stats.quarantined_entries
-        self._attach()
-        self._delivery = self._choose_delivery(queue)
+        if stats.pending + stats.in_flight:
+            self._want_delivery = True  # a backlog: deliver it
+        if self._attached is None:
+            self._attach()
+        self._delivery = self._choose_delivery(queue, stats)
+        self._queue = queue  # last: a queue is seen once its figures and delivery exist
+        self._opened_attempt()
         return True
+
+    def _opened_attempt(self) -> None:
+        self._open_attempts += 1
+        with self._disk_progress:
+            self._disk_progress.notify_all()
 
     def _attach(self) -> None:
         """Hold ``recorders.lock`` shared while open: a drainer sees someone records here."""
@@ -202,16 +271,16 @@ class Recorder:
             time.sleep(0.001)
         lock.close()
 
-    def _choose_delivery(self, queue: DurableQueue) -> DeliveryMode:
+    def _choose_delivery(self, queue: DurableQueue, stats: QueueStats) -> DeliveryMode:
         mode = self._config.delivery
         if self._config.clock is not time.time or self._config.on_error is not None:
             mode = "thread"  # a test's clock or an on_error callback stays in this process
         if mode == "external":
-            return ExternalDelivery(queue, self._config, None)
+            return ExternalDelivery(queue, self._config, None, stats)
         if mode == "process":
             python = interpreter()
             if python is not None:
-                return DrainerDelivery(queue, self._config, python)
+                return DrainerDelivery(queue, self._config, python, stats)
             logger.info(
                 "per_buffer: no Python interpreter to start a drainer with (%s); delivering "
                 "from a thread of this process instead",
@@ -219,33 +288,43 @@ class Recorder:
             )
         return ThreadDelivery(queue, self._config, self)
 
-    def _backlog(self) -> bool:
-        stats = self._queue_stats
-        return stats is not None and stats.pending + stats.in_flight > 0
-
     def _ensure_threads(self) -> None:
-        """Start the committer and the delivery worker on first use (once, never after close)."""
+        """Start the committer (once per process, never after close). It only starts a
+        thread: the committer opens the queue and keeps delivery going itself."""
         with self._threads_lock:
-            if not self._closed:
-                self._start_threads()
+            if self._closed:
+                return
+            committer = self._committer
+            if committer is None or committer.ident is None:  # none, or start() interrupted
+                committer = threading.Thread(
+                    target=self._commit_loop, name="per-buffer-commit", daemon=True
+                )
+                self._committer = committer
+                committer.start()
 
-    def _start_threads(self) -> None:
-        if self._delivery is None and self._queue is not None:  # a forked child's first use
-            self._delivery = self._choose_delivery(self._queue)
-        if self._committer is None:
-            committer = threading.Thread(
-                target=self._commit_loop, name="per-buffer-commit", daemon=True
-            )
-            self._committer = committer
-            committer.start()
+    def _keep_delivering(self) -> None:
+        """The committer's duty: start delivery once there is something to deliver, and
+        keep it alive (a drainer that died is replaced)."""
         delivery = self._delivery
-        if delivery is not None:
+        if delivery is None or not self._want_delivery or self._closed:
+            return
+        if not self._delivering:
+            self._delivering = True
             delivery.start()
+        delivery.check()
 
     # ------------------------------------------------------------------ hot path
 
     def record(self, billing_id: str, user_id: str, activity_type_id: str | None = None) -> None:
         """Record that ``user_id`` of ``billing_id`` was active; returns at once.
+
+        In the default ``batched`` mode it only appends to the memory batch. With
+        ``durability="sync"`` it returns once the activity is on disk, or, when the disk
+        refuses it (a write lock held elsewhere for longer than the queue's 2 s lock
+        timeout, a full or failing disk), after that bounded wait with the activity
+        still in memory: it is part of ``stats().buffered``, the failure counts in
+        ``stats().queue_errors`` and is logged, and the committer writes it once the disk
+        works again. A runtime fault never raises here.
 
         Args:
             billing_id: the customer being billed.
@@ -291,25 +370,27 @@ class Recorder:
                 if not self._enabled:  # counted: nothing will be sent
                     self._dropped["disabled"] = self._dropped.get("disabled", 0) + 1
                     return
+                buffer = self._buffer
+                if len(buffer) + len(self._held) + self._committing >= self._memory_bound:
+                    self._coalescer.failed(key)
+                    self._dropped["memory_full"] = self._dropped.get("memory_full", 0) + 1
+                    return
+                if not buffer:
+                    self._buffer_since = _monotonic()
+                buffer.append((key, now))
                 if self._sync:
+                    ticket = self._takes  # a later take holds this call's activity
                     wake = False
                 else:
-                    buffer = self._buffer
-                    if len(buffer) + len(self._held) + self._committing >= self._memory_bound:
-                        self._coalescer.failed(key)
-                        self._dropped["memory_full"] = self._dropped.get("memory_full", 0) + 1
-                        return
-                    if not buffer:
-                        self._buffer_since = _monotonic()
-                    buffer.append((key, now))
+                    ticket = 0
                     wake = not self._commit_pending
                     self._commit_pending = True
-            if self._sync:
-                self._commit_sync(key, now)
-            elif wake:
-                if self._committer is None:
+            if wake:
+                if self._committer is None:  # a forked child's first call
                     self._ensure_threads()
                 self._commit_wake.set()
+            elif self._sync:
+                self._commit_sync(ticket)
         except Exception:  # never raise a runtime fault into the caller
             self._drop("internal_error", 1)
             logger.exception("per_buffer: record() failed internally; activity dropped")
@@ -321,12 +402,35 @@ class Recorder:
             self._closed_warned = True
             logger.warning("per_buffer: record() after close(); activity dropped")
 
-    def _commit_sync(self, key: _Key, now: float) -> None:
-        """Sync mode: on disk before returning (a repeat during a write writes again)."""
-        self._commit([(key, now)])
-        if self._held:  # the disk refused it: the committer retries
+    def _commit_sync(self, ticket: int) -> None:
+        """Sync mode: return once a commit that took this call's activity (any take after
+        ``ticket``) stored it. Commits run one at a time and each takes everything in
+        memory, so a waiting call is settled by its own commit or by another thread's;
+        each is bounded by the queue's lock timeout. If the disk refused it, the activity
+        stays in memory (counted in ``buffered``) and the committer retries."""
+        if self._committer is None:  # a forked child's first call
             self._ensure_threads()
-            self._commit_wake.set()
+        while self._stored_take <= ticket:
+            if self._failed_take > ticket:
+                self._sync_unwritten()
+                return
+            self._commit(wait=_SYNC_WAIT)
+        if not self._delivering:
+            self._commit_wake.set()  # the committer starts delivery
+
+    def _sync_unwritten(self) -> None:
+        """A sync record() returns with its activity in memory: say so (once a minute)."""
+        self._commit_wake.set()  # the committer retries it
+        now = time.monotonic()
+        if now - self._last_sync_log >= _LOG_EVERY:
+            self._last_sync_log = now
+            logger.warning(
+                "per_buffer: durability='sync' but the disk queue at %s refused the write "
+                "(%s); record() returned with the activity in memory (stats().buffered) "
+                "and it is written when the disk works again",
+                self._config.directory,
+                self._last_error,
+            )
 
     # ------------------------------------------------------------------ committing
 
@@ -335,7 +439,10 @@ class Recorder:
         poll = self._config.poll_interval
         stop = self._stop
         while not stop.is_set():
-            timeout = self._held_delay if self._held else poll
+            if self._queue is None or self._delivery is None:
+                self._open_in_committer()
+            unopened = self._queue is None
+            timeout = self._held_delay if self._held or unopened else poll
             woken = self._commit_wake.wait(timeout)
             if stop.is_set():
                 break
@@ -349,25 +456,51 @@ class Recorder:
                 self._urgent = False
                 self._commit_wake.clear()
             try:
-                self._commit()
+                self._commit(deadline=self._close_deadline)
                 if not woken:
                     self._read_feedback()
-                if self._delivery is not None:
-                    self._delivery.check()
+                    self._refresh_figures()
+                self._keep_delivering()
             except Exception:
                 logger.exception("per_buffer: commit failed unexpectedly")
-        try:  # the last commit, for close()
-            self._commit()
+        try:  # the last commit, for close(): no write after its deadline
+            self._commit(deadline=self._close_deadline)
+            self._hand_over_at_close()
         except Exception:
             logger.exception("per_buffer: the final commit failed unexpectedly")
 
-    def _commit(
-        self, extra: list[tuple[_Key, float]] | None = None, *, wait: float | None = None
-    ) -> bool:
+    def _hand_over_at_close(self) -> None:
+        """What the last commit stored waits on disk; a drainer delivers it after this
+        process is gone: start one if none was started yet (a close right after the
+        first record())."""
+        delivery = self._delivery
+        if delivery is not None and delivery.spawns and self._want_delivery:
+            if not self._delivering:
+                self._delivering = True
+                delivery.start()
+
+    def _open_in_committer(self) -> None:
+        with self._commit_lock:
+            if self._queue is None or self._delivery is None:
+                self._open_queue()
+        self._keep_delivering()
+
+    def _refresh_figures(self) -> None:
+        """A drainer's figures live on disk: read them about once a second, so that those
+        of a database another process moves aside are kept (see ``DrainerDelivery``)."""
+        queue, delivery = self._queue, self._delivery
+        if queue is None or delivery is None or not delivery.figures_on_disk:
+            return
+        if _monotonic() - self._stats_read_at >= _REFRESH_EVERY and not self._queue_closed:
+            with contextlib.suppress(QueueError):
+                self._read_stats(queue, self._close_deadline)
+
+    def _commit(self, *, wait: float | None = None, deadline: float | None = None) -> bool:
         """Write the memory batch (and held activities) to disk; True when all are on disk.
 
         ``wait``: seconds to wait for a commit already running elsewhere (None: as long
-        as it takes; 0: not at all, returning False).
+        as it takes; 0: not at all, returning False). ``deadline``: no write after this
+        monotonic time (the batch goes back to memory).
         """
         if wait is None:
             acquired = self._commit_lock.acquire()
@@ -382,40 +515,46 @@ class Recorder:
                 batch, self._buffer = self._buffer, []
                 since = self._buffer_since
                 batch_from_memory = len(batch)
-                if extra:
-                    batch.extend(extra)
                 if self._held:
                     batch = [*self._held, *batch]
                     self._held.clear()
+                self._takes += 1
+                take = self._takes
                 self._committing = len(batch)
                 self._committing_since = since if batch_from_memory else _monotonic()
+                stood = self._coalescer.take()
+            if stood:  # a copy is stored as recorded when the last call it stood for was
+                batch = [(key, max(at, stood.get(key, at))) for key, at in batch]
             if batch_from_memory:
                 self._lag_max = max(self._lag_max, _monotonic() - since)
-            if not batch:
-                return True
-            stored = self._store(batch)
+            stored = not batch or self._store(batch, deadline)
+            if stored:
+                self._stored_take = take
+            else:
+                self._failed_take = take
         finally:
             self._commit_lock.release()
             with self._disk_progress:
                 self._disk_progress.notify_all()
-        if stored and self._delivery is not None:
+        if stored and batch and self._delivery is not None:
             self._delivery.wake()
         return stored
 
-    def _store(self, batch: list[tuple[_Key, float]]) -> bool:
+    def _store(self, batch: list[tuple[_Key, float]], deadline: float | None = None) -> bool:
         """Put one batch; on a storage fault hold it in memory. The caller holds the commit lock."""
-        if self._queue is None and not self._open_queue():
+        if (self._queue is None or self._delivery is None) and not self._open_queue():
             self._hold(batch)
             return False
         assert self._queue is not None
         try:
-            result = self._put(batch)
+            with self._queue.deadline(deadline):
+                result = self._put(batch)
         except QueueError as exc:
             self._queue_fault(exc)
             self._hold(batch)
             return False
         self._held_delay = _HELD_RETRY_MIN
-        committed_at = self._clock()
+        self._want_delivery = True
         with self._lock:
             self._committing = 0
             self._enqueued += result.stored
@@ -427,14 +566,8 @@ class Recorder:
         lost = len(batch) - result.stored
         if lost:  # refused by a full queue: drop_newest keeps the front, drop_oldest the back
             front = self._config.full_policy == "drop_newest"
-            stored, refused = (
-                (batch[: result.stored], batch[result.stored :])
-                if front
-                else (batch[lost:], batch[:lost])
-            )
+            refused = batch[result.stored :] if front else batch[:lost]
             self._coalescer_failed(key for key, _ in refused)
-            batch = stored
-        self._feedback_committed(batch, committed_at)
         if result.failure_seq != self._feed_seq or self._queue.generation != self._generation:
             self._read_feedback(result.failure_seq)
         return True
@@ -489,12 +622,19 @@ class Recorder:
             if self._abandoned:  # close() already counted this batch as unwritten
                 self._abandoned = False
                 return
+            if self._final:  # close() is over: nobody would retry it
+                self._dropped["unwritten_at_close"] = self._dropped.get(
+                    "unwritten_at_close", 0
+                ) + len(batch)
+                return
             room = self._memory_bound - len(self._held) - len(self._buffer)
             lost: list[tuple[_Key, float]] = []
             if room < len(batch):
                 keep = max(room, 0)
                 lost, batch = batch[keep:], batch[:keep]
             self._held.extend(batch)
+            if not self._sync:  # back in memory, they stand for repeats again (a sync
+                self._coalescer.held(key for key, _ in batch)  # repeat writes again)
         if lost:
             self._coalescer_failed(key for key, _ in lost)
             self._drop("memory_full", len(lost))
@@ -532,13 +672,6 @@ class Recorder:
         )
 
     # ------------------------------------------------------------------ coalescing feedback
-
-    def _feedback_committed(self, batch: list[tuple[_Key, float]], at: float) -> None:
-        committed = self._coalescer.committed
-        for start in range(0, len(batch), _FEEDBACK_CHUNK):
-            keys = [key for key, _ in batch[start : start + _FEEDBACK_CHUNK]]
-            with self._lock:
-                committed(keys)
 
     def _coalescer_failed(self, keys: Iterable[_Key]) -> None:
         failed = self._coalescer.failed
@@ -591,8 +724,10 @@ class Recorder:
         Returns True once every activity this process recorded before the call is
         settled: delivered, or dead-lettered (Per refused it for good), or dropped and
         counted. Returns False at ``timeout`` seconds (None waits without limit) and
-        never blocks past it, even if Per hangs. Activities other processes put in a
-        shared directory are not waited for.
+        never blocks past it, even if Per hangs or another process holds the queue's
+        write lock. Activities other processes put in a shared directory are not waited
+        for. From a signal handler that interrupted this library it returns False at
+        once.
         """
         if reentrant():  # called from a signal handler that interrupted this library
             return False
@@ -609,7 +744,7 @@ class Recorder:
         queue = self._queue
         if last_id is None or queue is None:
             return not self._held
-        return self._deliver(deadline, lambda: queue.settled_through(last_id))
+        return self._deliver(deadline, _settled(queue, last_id, deadline))
 
     def drain(self, timeout: float | None = None) -> bool:
         """Deliver everything in the queue directory, whoever recorded it; True when done.
@@ -625,16 +760,38 @@ class Recorder:
             return True
         if self._closed or not self._written(deadline):
             return False
-        queue = self._queue
+        queue = self._await_open(deadline)
         if queue is None:
             return False
-        return self._deliver(deadline, lambda: queue.counts() == (0, 0))
+        return self._deliver(deadline, lambda: _bounded(queue, deadline, queue.counts) == (0, 0))
 
     def _deliver(self, deadline: float | None, done: Callable[[], bool]) -> bool:
         """Flush mode until ``done()`` says so, or the deadline (delivery does the sending)."""
+        self._want_delivery = True
         self._ensure_threads()
         delivery = self._delivery
         return delivery is not None and delivery.deliver(deadline, done)
+
+    def _await_open(
+        self, deadline: float | None, *, first_attempt: bool = False
+    ) -> DurableQueue | None:
+        """The open queue, waiting until ``deadline`` for the committer to open it (with
+        ``first_attempt``, only until its first try ended); None if it is not open."""
+        if self._queue is not None or self._closed:
+            return self._queue
+        self._ensure_threads()
+        with self._disk_progress:
+            while self._queue is None and not self._closed:
+                if first_attempt and self._open_attempts:
+                    break
+                left = _remaining(deadline)
+                if left is not None and left <= 0:
+                    break
+                committer = self._committer
+                if committer is None or not committer.is_alive():
+                    break
+                self._disk_progress.wait(0.05 if left is None else min(0.05, left))
+        return self._queue
 
     def _written(self, deadline: float | None) -> bool:
         """Wait until what is in memory is on disk (the committer writes it); False at the
@@ -665,65 +822,98 @@ class Recorder:
         With a drainer running (the ``process`` and ``external`` modes) close() only
         writes the memory batch and returns, usually in milliseconds: the drainer
         delivers after this process is gone. Otherwise it flushes up to ``timeout``.
-        Returns within ``timeout`` + 0.5 s whatever the disk does. Whatever was not
-        delivered stays on disk; the next recorder or drainer on the directory delivers
-        it. What could not reach the disk by then is counted in
-        ``stats().dropped["unwritten_at_close"]`` and logged at WARNING. Calls to
-        ``record()`` afterwards are counted as dropped (reason ``closed``).
+        Returns within ``timeout`` + 0.5 s whatever the disk does, and writes nothing
+        after that. Whatever was not delivered stays on disk; the next recorder or
+        drainer on the directory delivers it. What could not reach the disk by then is
+        counted in ``stats().dropped["unwritten_at_close"]`` and logged at WARNING. Calls
+        to ``record()`` afterwards are counted as dropped (reason ``closed``). From a
+        signal handler that interrupted this library it returns at once and a thread
+        closes (the exit handler waits for it).
         """
         if timeout is None:
             timeout = self._config.exit_timeout
+        timeout = max(0.0, timeout)
         if reentrant():  # a signal handler interrupted this library: close in a thread
             self._close_in_background(timeout)
             return
-        closer = self._closer
-        if closer is not None and closer is not threading.current_thread():
-            closer.join(timeout + 0.5)
+        deadline = time.monotonic() + timeout
+        # another close() (a thread a signal handler started, say) is under way: it keeps
+        # the same bounds, so waiting for it keeps this call's
+        if not self._close_lock.acquire(timeout=timeout + _CLOSE_SLACK):
             return
-        if self._closed:
-            return
+        try:
+            if not self._shut:
+                self._close(deadline)
+        finally:
+            self._close_lock.release()
+
+    def _close(self, deadline: float) -> None:
+        hard = deadline + _CLOSE_SLACK  # stopping threads may take this much beyond timeout
         if self._pid != os.getpid():
             self._after_fork_in_child()
-        deadline = time.monotonic() + max(0.0, timeout)
-        hard = deadline + _CLOSE_SLACK  # stopping threads may take this much beyond timeout
-        delivery = self._delivery
-        if self._enabled and delivery is not None:
-            if delivery.delivers_after_exit():
-                self._written(deadline)
-            elif self._last_id is not None or self._buffer or self._held:
-                self.flush(max(0.0, timeout))
-        with self._lock:
+        self._close_deadline = hard  # the committer writes nothing after it
+        if self._enabled and not self._closed and self._written(deadline):
+            delivery = self._delivery
+            queue, last_id = self._queue, self._last_id
+            if (
+                delivery is not None
+                and queue is not None
+                and last_id is not None
+                and not delivery.delivers_after_exit(max(0.0, deadline - time.monotonic()))
+            ):
+                self._deliver(deadline, _settled(queue, last_id, deadline))
+        with self._threads_lock, self._lock:  # no thread starts after this
             self._closed = True
         self._stop_committer(min(hard, max(deadline, time.monotonic()) + _COMMIT_GRACE))
+        delivery = self._delivery
         stopped = delivery is None or delivery.stop(max(0.05, hard - time.monotonic()))
         if self._attached is not None and self._pid == os.getpid():
             self._attached.close()
             self._attached = None
         queue = self._queue
         committer = self._committer
-        if queue is not None and stopped and (committer is None or not committer.is_alive()):
-            self._log_left(self.stats())  # the last figures are kept for stats() after close
-            self._queue_closed = True
-            queue.close()
+        if (
+            queue is not None
+            and stopped
+            and (committer is None or not committer.is_alive())
+            and self._commit_lock.acquire(timeout=max(0.0, hard - time.monotonic()))
+        ):
+            try:  # no commit runs: the last figures are kept for stats() after close
+                with contextlib.suppress(QueueError):
+                    self._read_stats(queue, hard)
+                self._log_left()
+                self._queue_closed = True
+                queue.close()
+            finally:
+                self._commit_lock.release()
+        opening, self._opening = self._opening, None
+        if opening is not None and (committer is None or not committer.is_alive()):
+            opening.close()
+        self._shut = True
         registry.discard(self)
 
-    def _stop_committer(self, deadline: float) -> None:
+    def _stop_committer(self, until: float) -> None:
         """The committer writes what is in memory and ends; what is not on disk is counted."""
         self._stop.set()
         self._hurry.set()
         self._commit_wake.set()
         committer = self._committer
-        alive = False
-        if committer is not None and committer is not threading.current_thread():
-            committer.join(max(0.0, deadline - time.monotonic()))
-            alive = committer.is_alive()
+        if (
+            committer is not None
+            and committer is not threading.current_thread()
+            and committer.ident is not None
+        ):
+            committer.join(max(0.0, until - time.monotonic()))
         with self._lock:
             unwritten = len(self._buffer) + len(self._held)
-            if alive and self._committing:
+            if self._committing and not self._abandoned:
+                # a batch still being written (by the committer or a sync record()):
+                # counted now; if it lands after all, the count is taken back
                 unwritten += self._committing
-                self._abandoned = True  # counted: if the batch lands after all, it is undone
+                self._abandoned = True
             self._buffer.clear()
             self._held.clear()
+            self._final = True
             if unwritten:
                 self._dropped["unwritten_at_close"] = (
                     self._dropped.get("unwritten_at_close", 0) + unwritten
@@ -737,20 +927,21 @@ class Recorder:
             )
 
     def _close_in_background(self, timeout: float) -> None:
-        with self._threads_lock:
-            if self._closer is not None or self._closed:
-                return
-            self._closer = threading.Thread(
-                target=self.close, args=(timeout,), name="per-buffer-close", daemon=True
-            )
-            self._closer.start()
+        """From a signal handler: take no lock the interrupted code may hold; a thread
+        closes (once, however many signals come)."""
+        if self._shut or not self._close_claim.acquire(blocking=False):
+            return
+        threading.Thread(
+            target=self.close, args=(timeout,), name="per-buffer-close", daemon=True
+        ).start()
 
-    def _log_left(self, stats: RecorderStats) -> None:
-        if stats.pending + stats.in_flight:
+    def _log_left(self) -> None:
+        qs = self._queue_stats
+        if qs is not None and qs.pending + qs.in_flight:
             logger.info(
                 "per_buffer: %d activities left on disk in %s; the next recorder on "
                 "that directory delivers them",
-                stats.pending + stats.in_flight,
+                qs.pending + qs.in_flight,
                 self._config.directory,
             )
 
@@ -787,20 +978,25 @@ class Recorder:
     # ------------------------------------------------------------------ fork
 
     def _before_fork(self) -> None:
+        """Write the memory batch if the disk takes it at once (a parent that leaves with
+        ``os._exit`` after forking, as daemons do, would lose it), and hold the recorder's
+        lock so the child copies consistent counters. Never waits for the disk: what is
+        not written stays in this process's memory and its committer writes it; the
+        child starts with an empty batch."""
+        self._fork_held = False
         if self._closed or self._pid != os.getpid():
             return
-        try:
-            self._commit()
-        except Exception:
-            logger.exception("per_buffer: commit before fork failed")
-        self._commit_lock.acquire()
-        self._lock.acquire()
+        if self._queue is not None and self._buffer and not self._held:
+            try:
+                self._commit(wait=0, deadline=time.monotonic() + _FORK_COMMIT)
+            except Exception:
+                logger.exception("per_buffer: commit before fork failed")
+        self._fork_held = self._lock.acquire(timeout=_FORK_LOCK_WAIT)
 
     def _after_fork_in_parent(self) -> None:
-        if self._closed or self._pid != os.getpid():
-            return
-        self._lock.release()
-        self._commit_lock.release()
+        if self._fork_held:
+            self._fork_held = False
+            self._lock.release()
 
     def _after_fork_in_child(self) -> None:
         """The parent's threads are gone and its memory batch is its own: start afresh.
@@ -811,6 +1007,9 @@ class Recorder:
         """
         with _fork_reset_lock:
             if self._pid != os.getpid():
+                attached, self._attached = self._attached, None
+                if attached is not None:
+                    attached.forget_after_fork()  # the parent's lock stays the parent's
                 self._reset_process_state()
                 self._coalescer.forget()  # the parent's copies are its own to account for
 
@@ -829,26 +1028,40 @@ class Recorder:
     def stats(self) -> RecorderStats:
         """A snapshot of counters, queue state and delivery state.
 
-        Safe from a signal handler: when it interrupted this library it reports the
-        last queue figures read instead of reading the disk.
+        The queue's figures come from a read-only snapshot, which never waits for
+        another process's write lock (right after construction it waits up to about
+        2.5 s for the committer to open the queue). Safe from a signal handler: when it
+        interrupted this library it reports the last queue figures read instead of
+        reading the disk.
         """
         if reentrant():
             return self._snapshot(self._queue_stats, locked=False)
         if self._pid != os.getpid():
             self._after_fork_in_child()
-        qs = self._queue_stats
         queue = self._queue
+        if queue is None and self._enabled:
+            queue = self._await_open(time.monotonic() + _OPEN_WAIT, first_attempt=True)
         if queue is not None and not self._queue_closed:
             try:
-                qs = self._queue_stats = queue.stats()
+                self._read_stats(queue, None)
             except QueueError as exc:
                 self._last_error = str(exc)
-            else:
-                if qs.generation != self._generation:  # a database was moved aside
-                    with self._lock:
-                        self._coalescer.forget()
-                    self._generation, self._feed_seq = qs.generation, qs.failure_seq
-        return self._snapshot(qs, locked=True)
+        return self._snapshot(self._queue_stats, locked=True)
+
+    def _read_stats(self, queue: DurableQueue, deadline: float | None) -> QueueStats:
+        """Read the queue's figures (a snapshot, bounded by ``deadline``) and keep them."""
+        with queue.deadline(deadline):
+            qs = queue.stats()
+        self._queue_stats = qs
+        self._stats_read_at = _monotonic()
+        delivery = self._delivery
+        if delivery is not None:
+            delivery.observe(qs)
+        if qs.generation != self._generation:  # a database was moved aside
+            with self._lock:
+                self._coalescer.forget()
+            self._generation, self._feed_seq = qs.generation, qs.failure_seq
+        return qs
 
     def _snapshot(self, qs: QueueStats | None, *, locked: bool) -> RecorderStats:
         if locked:
@@ -945,26 +1158,26 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _settled(queue: DurableQueue, last_id: int, deadline: float | None) -> Callable[[], bool]:
+    """Whether every entry up to ``last_id`` is settled (a check that gives up at
+    ``deadline``, raising QueueError)."""
+    return lambda: _bounded(queue, deadline, queue.settled_through, last_id)
+
+
+def _bounded(
+    queue: DurableQueue, deadline: float | None, read: Callable[..., _T], *args: Any
+) -> _T:
+    """``read(*args)``, a queue operation that gives up at ``deadline``."""
+    with queue.deadline(deadline):
+        return read(*args)
+
+
 def _unusable(directory: Path, exc: BaseException) -> str:
     return (
         f"the queue directory {directory} cannot be used ({exc}); set PER_BUFFER_DIR (or "
         "directory=) to a writable local directory"
     )
-
-
-LOCK_HOLDERS.update(
-    function.__code__
-    for function in (
-        Recorder.record,
-        Recorder._commit,
-        Recorder._commit_sync,
-        Recorder._store,
-        Recorder._hold,
-        Recorder._drop,
-        Recorder._feedback_committed,
-        Recorder._coalescer_failed,
-        Recorder._snapshot,
-        Recorder._ensure_threads,
-        Recorder._after_fork_in_child,
-    )
-)
