@@ -66,6 +66,8 @@ _TICK = 0.25
 _STATE_EVERY = 1.0  # the flow state is published this often (at once when its mode changes)
 _HAND_BACK = 5.0  # a pause longer than this gives unsent claims back to the queue
 _APPLY_RETRY = 0.5
+_APPLY_BUDGET = 2.0  # seconds one pass of outcome writes may wait for a locked database
+_STOP_BUDGET = 1.0  # seconds a stop may wait for it (leases bring back what is unwritten)
 _ENDPOINT = "activities.add"
 _GROUP_PER_SECOND = 10  # releases due within the same tenth of a second share a transaction
 _CLAIM = 512  # entries per claim: one stored chunk, taken whole (no partial rewrite)
@@ -590,12 +592,31 @@ class DeliveryWorker:
             self._apply_handle = loop.call_later(delay, self._apply)
 
     def _apply(self) -> None:
-        """Write the waiting outcomes to the queue (few transactions, one per group)."""
+        """Write the waiting outcomes to the queue (few transactions, one per group).
+
+        The writes together wait at most ``_APPLY_BUDGET`` for a database another process
+        keeps locked (the loop is not theirs to stall for longer); what is not written
+        is kept and tried again shortly.
+        """
         if self._apply_handle is not None:
             self._apply_handle.cancel()  # called directly (a stop): no second pass
             self._apply_handle = None
         self._out_count = 0
         out, self._out = self._out, _Outcomes()
+        with self.queue.deadline(time.monotonic() + _APPLY_BUDGET):
+            kept = self._write_outcomes(out)
+        if kept:  # the storage failed: keep them, and try again shortly
+            self._merge_back(kept)
+            self._out_count = _APPLY_AT  # written as soon as the storage lets us
+            self._apply_after = time.monotonic() + _APPLY_RETRY
+            self._schedule_apply()
+        self._snapshot_flow(time.monotonic())
+        self._notify_progress()
+        if self._maybe_empty and not self._ready and not self._stopping:
+            self._pump()
+
+    def _write_outcomes(self, out: _Outcomes) -> _Outcomes:
+        """Write ``out``, group by group; return what the storage did not take."""
         kept = _Outcomes()
         stats = self.stats
         queue = self.queue
@@ -641,15 +662,7 @@ class DeliveryWorker:
             )
             if self._write(claim, ids, hold) is None:
                 kept.holds[lease_id] = (claim, ids)
-        if kept:  # the storage failed: keep them, and try again shortly
-            self._merge_back(kept)
-            self._out_count = _APPLY_AT  # written as soon as the storage lets us
-            self._apply_after = time.monotonic() + _APPLY_RETRY
-            self._schedule_apply()
-        self._snapshot_flow(time.monotonic())
-        self._notify_progress()
-        if self._maybe_empty and not self._ready and not self._stopping:
-            self._pump()
+        return kept
 
     def _write(self, claim: Claim, ids: list[int], op: Callable[[], int]) -> int | None:
         """Run one queue write and settle its ids; None (keep them) on a storage fault."""
@@ -780,11 +793,14 @@ class DeliveryWorker:
                 _add(self._out.holds, claim, entry.id)
             attempt.riders.clear()
         self._flying.clear()
-        self._apply()
-        for claim, _ in list(self._claims.values()):
-            with contextlib.suppress(QueueError):
-                self.queue.release_claim(claim)
-        self._claims.clear()
-        self._publish(time.monotonic(), force=True)
+        # a database another process keeps locked delays the stop by _STOP_BUDGET at most:
+        # what is not written stays leased on disk and comes back when the lease expires
+        with self.queue.deadline(time.monotonic() + _STOP_BUDGET):
+            self._apply()
+            for claim, _ in list(self._claims.values()):
+                with contextlib.suppress(QueueError):
+                    self.queue.release_claim(claim)
+            self._claims.clear()
+            self._publish(time.monotonic(), force=True)
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)
