@@ -730,7 +730,10 @@ class DurableQueue:
                 if requeue:
                     for row in rows:
                         row[5] = 0
-                        del row[7:]
+                        if len(row) > 8:  # the recorder's coalescing travels on
+                            row[7] = 0
+                        else:
+                            del row[7:]
                     if rows:
                         model.push_group(cache, meta, 0, rows)
                     meta.pending += len(rows)

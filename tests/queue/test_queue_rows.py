@@ -155,6 +155,22 @@ def test_a_producers_coalescing_travels_with_its_entries(qdir: Path) -> None:
         assert restored.stored == 1
 
 
+def test_a_requeued_dead_letter_keeps_its_coalescing(qdir: Path) -> None:
+    """Regression: requeueing cut the row after its 7th field, so an entry of a recorder
+    with coalescing off could be acknowledged without a request under another's rule."""
+    with DurableQueue(qdir) as queue:
+        queue.put(items(1), coalescing=(0.0, 30.0))
+        claim = queue.claim(1)
+        assert claim is not None
+        queue.dead_letter(claim, [claim.entries[0].id], "refused")
+        assert queue.requeue_dead_letters() == 1
+        again = queue.claim(1)
+        assert again is not None
+        entry = again.entries[0]
+        assert entry.coalescing == (0.0, 30.0)
+        assert entry.attempts == 0 and entry.failures == 0
+
+
 def test_count_attempt_keeps_the_coalescing_field() -> None:
     row = [1, "b", "u", "t", 1.0, 0, None, 0, [900.0, 30.0]]
     count_attempt(row, refused=True, failed=True)
