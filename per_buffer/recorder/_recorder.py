@@ -354,37 +354,72 @@ class Recorder:
             and 0 < len(activity_type_id) <= _MAX
         ):
             activity_type_id = validate_id(activity_type_id, "activity_type_id")
+        entered = False
         try:
             if self._pid != _getpid():
                 self._after_fork_in_child()
-            now = self._clock()
             key = (billing_id, user_id, activity_type_id)
             with self._lock:
-                self._recorded += 1
-                if self._closed:
-                    self._drop_closed()
+                entered = True
+                recorded = self._recorded
+                # markers for _settle_interrupted: which outcome this call was giving
+                dropping: str | None = None
+                before = coalesced = -1
+                item: tuple[_Key, float] | None = None
+                try:
+                    self._recorded = recorded + 1
+                    now = self._clock()  # under the lock: admit() must judge the present
+                    if self._closed:
+                        dropping, before = "closed", self._dropped.get("closed", 0)
+                        self._drop_closed()
+                        return
+                    if not self._admit(key, now, batched=not self._sync):
+                        coalesced = self._coalesced
+                        self._coalesced = coalesced + 1
+                        return
+                    if not self._enabled:  # counted: nothing will be sent
+                        dropping, before = "disabled", self._dropped.get("disabled", 0)
+                        self._dropped["disabled"] = before + 1
+                        return
+                    buffer = self._buffer
+                    if len(buffer) + len(self._held) + self._committing >= self._memory_bound:
+                        self._coalescer.failed(key)
+                        dropping, before = "memory_full", self._dropped.get("memory_full", 0)
+                        self._dropped["memory_full"] = before + 1
+                        return
+                    if not buffer:
+                        self._buffer_since = _monotonic()
+                    item = (key, now)
+                    buffer.append(item)
+                    if self._sync:
+                        ticket = self._takes  # a later take holds this call's activity
+                        wake = False
+                    else:
+                        ticket = 0
+                        wake = not self._commit_pending
+                        self._commit_pending = True
+                except Exception:  # never raise a runtime fault into the caller
+                    self._settle_interrupted(
+                        recorded,
+                        key,
+                        dropping=dropping,
+                        before=before,
+                        coalesced=coalesced,
+                        item=item,
+                    )
+                    logger.exception("per_buffer: record() failed internally")
                     return
-                if not self._admit(key, now, batched=not self._sync):
-                    self._coalesced += 1
-                    return
-                if not self._enabled:  # counted: nothing will be sent
-                    self._dropped["disabled"] = self._dropped.get("disabled", 0) + 1
-                    return
-                buffer = self._buffer
-                if len(buffer) + len(self._held) + self._committing >= self._memory_bound:
-                    self._coalescer.failed(key)
-                    self._dropped["memory_full"] = self._dropped.get("memory_full", 0) + 1
-                    return
-                if not buffer:
-                    self._buffer_since = _monotonic()
-                buffer.append((key, now))
-                if self._sync:
-                    ticket = self._takes  # a later take holds this call's activity
-                    wake = False
-                else:
-                    ticket = 0
-                    wake = not self._commit_pending
-                    self._commit_pending = True
+                except BaseException:  # a signal handler raised (SystemExit, say) in here
+                    self._settle_interrupted(
+                        recorded,
+                        key,
+                        dropping=dropping,
+                        before=before,
+                        coalesced=coalesced,
+                        item=item,
+                        reason="interrupted",
+                    )
+                    raise
             if wake:
                 if self._committer is None:  # a forked child's first call
                     self._ensure_threads()
@@ -392,8 +427,36 @@ class Recorder:
             elif self._sync:
                 self._commit_sync(ticket)
         except Exception:  # never raise a runtime fault into the caller
-            self._drop("internal_error", 1)
-            logger.exception("per_buffer: record() failed internally; activity dropped")
+            if not entered:  # nothing counted yet
+                with self._lock:
+                    self._recorded += 1
+                    self._dropped["internal_error"] = self._dropped.get("internal_error", 0) + 1
+            logger.exception("per_buffer: record() failed internally")
+
+    def _settle_interrupted(
+        self,
+        recorded: int,
+        key: _Key,
+        *,
+        dropping: str | None,
+        before: int,
+        coalesced: int,
+        item: tuple[_Key, float] | None,
+        reason: str = "internal_error",
+    ) -> None:
+        """An exception interrupted record() inside its lock (the caller holds it): count
+        the call once, with the outcome it reached, or as dropped for ``reason``."""
+        self._recorded = recorded + 1
+        if dropping is not None:
+            if self._dropped.get(dropping, 0) > before:
+                return
+        elif coalesced >= 0:
+            if self._coalesced > coalesced:
+                return
+        elif item is not None and self._buffer and self._buffer[-1] is item:
+            return
+        self._coalescer.failed(key)  # no copy of it waits in memory
+        self._dropped[reason] = self._dropped.get(reason, 0) + 1
 
     def _drop_closed(self) -> None:
         """Count a call after close() (the caller holds ``_lock``); warn once."""
@@ -474,10 +537,14 @@ class Recorder:
         process is gone: start one if none was started yet (a close right after the
         first record())."""
         delivery = self._delivery
-        if delivery is not None and delivery.spawns and self._want_delivery:
-            if not self._delivering:
-                self._delivering = True
-                delivery.start()
+        if (
+            delivery is not None
+            and delivery.spawns
+            and self._want_delivery
+            and not self._delivering
+        ):
+            self._delivering = True
+            delivery.start()
 
     def _open_in_committer(self) -> None:
         with self._commit_lock:
@@ -558,9 +625,9 @@ class Recorder:
         with self._lock:
             self._committing = 0
             self._enqueued += result.stored
-            if self._abandoned:  # close() counted this batch as unwritten: it is on disk
-                self._abandoned = False
-                self._undrop("unwritten_at_close", result.stored)
+            if self._abandoned:  # close() counted this batch as unwritten: it reached the
+                self._abandoned = False  # queue, which stored or refused (and counted) each
+                self._undrop("unwritten_at_close", len(batch))
         if result.last_id is not None:
             self._last_id = result.last_id
         lost = len(batch) - result.stored
@@ -853,6 +920,7 @@ class Recorder:
             self._after_fork_in_child()
         self._close_deadline = hard  # the committer writes nothing after it
         if self._enabled and not self._closed and self._written(deadline):
+            self._hand_over_at_close()  # a starved committer may not have started a drainer
             delivery = self._delivery
             queue, last_id = self._queue, self._last_id
             if (

@@ -3,6 +3,7 @@ quarantine, close under a locked disk, and a signal-safe API (issue 10)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sqlite3
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,92 @@ def test_drop_oldest_counts_each_loss_once(server: PerServer, tmp_path: Path) ->
     assert sum(stats.dropped.values()) == 2, stats.dropped
     assert stats.pending + stats.in_flight == 3
     rec.close(timeout=0.2)
+
+
+class _Interrupt(BaseException):
+    """What a signal handler raises inside record() (SystemExit, KeyboardInterrupt)."""
+
+
+def test_a_record_interrupted_by_a_signal_handler_is_counted_once(
+    server: PerServer, tmp_path: Path
+) -> None:
+    """Regression: the README's SIGTERM recipe raises SystemExit from the handler; when it
+    landed inside record(), the call was counted as recorded with no outcome."""
+    raise_on = {2, 4}
+    calls = 0
+
+    def clock() -> float:  # runs inside record()'s lock, like a handler between bytecodes
+        nonlocal calls
+        calls += 1
+        if calls in raise_on:
+            raise _Interrupt
+        return time.time()
+
+    rec = make(server, tmp_path / "q", clock=clock)
+    for i in range(5):
+        try:
+            rec.record("acme", f"u{i}")
+        except _Interrupt:
+            assert i in (1, 3)
+    assert rec.flush(timeout=10)
+    stats = rec.stats()
+    assert stats.recorded == 5 and stats.dropped == {"interrupted": 2}, stats
+    assert stats.delivered == 3
+    # the interrupted call left no memory copy behind to suppress a repeat
+    rec.record("acme", "u1")
+    assert rec.flush(timeout=10) and rec.stats().delivered == 4
+
+
+def test_a_batch_refused_by_a_full_queue_after_close_counted_it_is_counted_once(
+    server: PerServer, tmp_path: Path
+) -> None:
+    """Regression: close() counts a batch still being written as unwritten_at_close; when
+    it landed after all, only its stored part was taken back, so the part a full queue
+    refused (and counted as queue_full) was counted twice."""
+    server.outage()
+    directory = tmp_path / "q"
+    rec = make(server, directory, max_queue_items=2, delivery="external")
+    rec.record("acme", "u0")
+    rec.record("acme", "u1")
+    assert rec.flush(timeout=0.3) is False  # on disk: the queue is full
+    with _write_lock_held_elsewhere(directory):
+        rec.record("acme", "u2")  # its batch waits for the lock while close() gives up
+        started = time.monotonic()
+        rec.close(timeout=0.2)
+        assert time.monotonic() - started < 0.2 + 0.5
+    committer = rec._committer
+    assert committer is not None
+    committer.join(10)
+    # counted once: refused by the full queue if the batch landed, else unwritten
+    assert sum(rec.stats().dropped.values()) == 1, rec.stats().dropped
+
+
+@contextlib.contextmanager
+def _write_lock_held_elsewhere(directory: Path) -> Iterator[None]:
+    """Another process holds the live database's write lock inside the block."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sqlite3, sys
+                db = sqlite3.connect({str(_live_db(directory))!r}, isolation_level=None)
+                db.execute("BEGIN IMMEDIATE")
+                print("locked", flush=True)
+                sys.stdin.read()
+            """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
 
 
 def test_a_quarantined_database_is_counted_and_its_keys_are_forgotten(
