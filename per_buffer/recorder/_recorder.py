@@ -66,7 +66,9 @@ _LOG_EVERY = 60.0
 _CLOSE_SLACK = 0.45  # seconds close() may take beyond its timeout, to stop threads
 _COMMIT_GRACE = 0.3  # seconds the committer gets for its last write after the deadline
 _LOCK_TIMEOUT = 2.0  # a write lock held elsewhere fails a queue operation within this
-_OPEN_WAIT = _LOCK_TIMEOUT + 0.5  # stats() waits this long for the committer's first open
+# stats() waits this long for the committer's first open (milliseconds on a healthy disk;
+# a database another process keeps locked shows as not open yet instead of stalling it)
+_OPEN_WAIT = 0.5
 _SYNC_WAIT = 0.05  # a sync record() looks this often whether a commit settled its call
 _FORK_COMMIT = 0.05  # seconds a fork may spend writing the memory batch
 _FORK_LOCK_WAIT = 0.05  # seconds a fork waits for the recorder's (short-held) lock
@@ -1098,7 +1100,7 @@ class Recorder:
 
         The queue's figures come from a read-only snapshot, which never waits for
         another process's write lock (right after construction it waits up to about
-        2.5 s for the committer to open the queue). Safe from a signal handler: when it
+        0.5 s for the committer to open the queue). Safe from a signal handler: when it
         interrupted this library it reports the last queue figures read instead of
         reading the disk.
         """
