@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import signal
 import subprocess
+import sys
+import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cli_helpers import SCRIPT, backlog, on_disk, run, server_env
 
+from per_buffer import Recorder
 from per_buffer.testing import PerServer
 
 
@@ -125,3 +131,175 @@ def test_interrupted_drain_says_how_many_are_left_and_where(
     )
     assert out == ""
     assert on_disk(directory) == 7
+
+
+# ------------------------------------------------------------------ a write lock held elsewhere
+
+HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes this pipe
+    db.execute("ROLLBACK")
+    """
+)
+
+
+@contextlib.contextmanager
+def write_lock_held(directory: Path) -> Iterator[None]:
+    """Another process holds the write lock (``BEGIN IMMEDIATE``) of ``directory``'s live
+    database for the duration of the block (it says so on stdout before the block runs)."""
+    database = max(directory.glob("db-*/cache.db"), key=lambda p: int(p.parent.name[3:]))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        assert line.strip() == "locked", line
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        try:
+            holder.wait(10)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+
+def stop(proc: subprocess.Popen[str], signum: int, timeout: float = 30) -> tuple[str, str, float]:
+    """Send ``signum``; (stdout, stderr, seconds until it exited). Killed if it hangs."""
+    started = time.monotonic()
+    proc.send_signal(signum)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"still running {timeout:g} s after {signal.Signals(signum).name}")
+    return out, err, time.monotonic() - started
+
+
+PROMPT = 3.0  # seconds an interrupted command may take to exit (it used to take 16-120 s)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_drain_exits_promptly_while_another_process_holds_the_lock(
+    server: PerServer, tmp_path: Path, signum: int, code: int
+) -> None:
+    """Interrupted, drain used to open the queue again to count what is left, waiting up
+    to 60 s per statement for the lock (~122 s in all); it now reads a snapshot."""
+    directory = tmp_path / "q"
+    backlog(directory, 300)
+    server.set_latency(1.0)  # the drain is still sending when the lock is taken
+    proc = subprocess.Popen(
+        [str(SCRIPT), "drain", "--dir", str(directory), "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(server),
+    )
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith("Draining 300 activities")
+        assert server.wait_for_requests(1, 10)  # sending
+        with write_lock_held(directory):
+            out, err, took = stop(proc, signum)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert took < PROMPT, f"exited {took:.2f} s after the signal"
+    assert "Traceback" not in err and out == ""
+    last = err.strip().splitlines()[-1]
+    found = re.fullmatch(
+        rf"per-buffer: error: interrupted: (\d+) activities left on disk in "
+        rf"{re.escape(str(directory))}; 'per-buffer drain --dir "
+        rf"{re.escape(str(directory))}' continues",
+        last,
+    )
+    assert found, last
+    left = int(found.group(1))
+    assert left == on_disk(directory) and 0 < left <= 300, (left, on_disk(directory))
+    server.set_latency(0)
+
+
+def test_follow_creates_a_directory_that_does_not_exist_yet(
+    server: PerServer, tmp_path: Path
+) -> None:
+    """A sidecar may start before the first recorder: ``drain --follow`` on a missing
+    directory used to exit 2; it creates it (mode 0700) and delivers what recorders
+    commit there later."""
+    directory = tmp_path / "not" / "yet"
+    proc = subprocess.Popen(
+        [str(SCRIPT), "drain", "--follow", "--dir", str(directory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(server),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(f"Following {directory}: "), (line, proc.poll())
+        assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
+        rec = Recorder(
+            server.activity_token,
+            "login",
+            directory=directory,
+            base_url=server.url,
+            delivery="external",  # the sidecar delivers
+            poll_interval=0.05,
+        )
+        for i in range(3):
+            rec.record("acme", f"u{i}")
+        assert rec.flush(20)
+        rec.close()
+        assert {a.user_id for a in server.activities} == {"u0", "u1", "u2"}
+        _, err, took = stop(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert took < PROMPT, f"exited {took:.2f} s after SIGTERM"
+
+
+def test_follow_stops_promptly_while_another_process_holds_the_lock(
+    server: PerServer, tmp_path: Path
+) -> None:
+    """SIGTERM to ``drain --follow`` mid-drain, the lock taken by another process: it
+    used to take 16-18 s to stop."""
+    directory = tmp_path / "q"
+    backlog(directory, 300)
+    server.set_latency(1.0)
+    proc = subprocess.Popen(
+        [str(SCRIPT), "drain", "--follow", "--dir", str(directory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(server),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(f"Following {directory}: ")
+        assert server.wait_for_requests(1, 10)  # sending
+        with write_lock_held(directory):
+            _, err, took = stop(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert took < PROMPT, f"exited {took:.2f} s after SIGTERM"
+    assert 0 < on_disk(directory) <= 300  # what was not acknowledged stays on disk
+    server.set_latency(0)
