@@ -291,6 +291,8 @@ def _follow(path: Path, token: str, url: str, concurrency: int | None) -> int:
         try:
             while run(drainer) == BUSY:
                 stop.wait(1.0)  # another drainer runs: take over when it ends
-        except KeyboardInterrupt as exc:
-            return interrupt_code(exc)
+        except KeyboardInterrupt:
+            # stopping is how a follower ends, whenever the signal lands (before the
+            # drainer set its own handlers, say): what is left stays on disk
+            return EXIT_OK
     return EXIT_OK
