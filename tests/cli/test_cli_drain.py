@@ -238,17 +238,7 @@ def test_follow_creates_a_directory_that_does_not_exist_yet(
     directory used to exit 2; it creates it (mode 0700) and delivers what recorders
     commit there later."""
     directory = tmp_path / "not" / "yet"
-    proc = subprocess.Popen(
-        [str(SCRIPT), "drain", "--follow", "--dir", str(directory)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=server_env(server),
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(f"Following {directory}: "), (line, proc.poll())
+    with _following(server, directory) as proc:
         assert directory.is_dir() and directory.stat().st_mode & 0o777 == 0o700
         rec = Recorder(
             server.activity_token,
@@ -264,10 +254,6 @@ def test_follow_creates_a_directory_that_does_not_exist_yet(
         rec.close()
         assert {a.user_id for a in server.activities} == {"u0", "u1", "u2"}
         _, err, took = stop(proc, signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert took < PROMPT, f"exited {took:.2f} s after SIGTERM"
@@ -281,6 +267,20 @@ def test_follow_stops_promptly_while_another_process_holds_the_lock(
     directory = tmp_path / "q"
     backlog(directory, 300)
     server.set_latency(1.0)
+    with _following(server, directory) as proc:
+        assert server.wait_for_requests(1, 10)  # sending
+        with write_lock_held(directory):
+            _, err, took = stop(proc, signal.SIGTERM)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert took < PROMPT, f"exited {took:.2f} s after SIGTERM"
+    assert 0 < on_disk(directory) <= 300  # what was not acknowledged stays on disk
+    server.set_latency(0)
+
+
+@contextlib.contextmanager
+def _following(server: PerServer, directory: Path) -> Iterator[subprocess.Popen[str]]:
+    """``per-buffer drain --follow --dir directory``, running once it says so."""
     proc = subprocess.Popen(
         [str(SCRIPT), "drain", "--follow", "--dir", str(directory)],
         stdout=subprocess.PIPE,
@@ -290,16 +290,10 @@ def test_follow_stops_promptly_while_another_process_holds_the_lock(
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(f"Following {directory}: ")
-        assert server.wait_for_requests(1, 10)  # sending
-        with write_lock_held(directory):
-            _, err, took = stop(proc, signal.SIGTERM)
+        line = proc.stdout.readline()
+        assert line.startswith(f"Following {directory}: "), (line, proc.poll())
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    assert took < PROMPT, f"exited {took:.2f} s after SIGTERM"
-    assert 0 < on_disk(directory) <= 300  # what was not acknowledged stays on disk
-    server.set_latency(0)

@@ -304,34 +304,13 @@ def test_close_keeps_its_deadline_and_counts_what_is_not_on_disk(
     rec = make(server, tmp_path / "q", commit_interval=0.5)
     rec.record("acme", "before")
     assert rec.flush(timeout=2) is False  # "before" is on disk
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-                import sqlite3, sys, time
-                db = sqlite3.connect({str(_live_db(tmp_path / "q"))!r}, isolation_level=None)
-                db.execute("BEGIN IMMEDIATE")
-                print("locked", flush=True)
-                sys.stdin.read()
-            """),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with _write_lock_held_elsewhere(tmp_path / "q"):
         for i in range(50):
             rec.record("acme", f"u{i}")
         started = time.monotonic()
         rec.close(timeout=0.3)
         took = time.monotonic() - started
         time.sleep(lock_held_after_close)  # the other process keeps the lock this long
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()  # the other process lets go of the lock
-        holder.wait(10)
     assert took <= 0.3 + 0.5, took
     assert any(
         "50 activities could not be written" in r.getMessage() and r.levelno == logging.WARNING
