@@ -145,7 +145,8 @@ def test_sync_record_returns_only_once_a_copy_is_on_disk(server: PerServer, tmp_
 
     first = threading.Thread(target=call, args=("first",))
     first.start()
-    time.sleep(0.1)  # the first call is now waiting on the lock
+    # the first call's commit is now waiting on the lock
+    assert _eventually(lambda: rec._commit_lock.locked() and rec._committing > 0)
     second = threading.Thread(target=call, args=("second",))
     second.start()
     time.sleep(0.3)
