@@ -355,14 +355,19 @@ def test_exit_keeps_exit_timeout_on_a_locked_database(
     finally:
         if child.poll() is None:
             child.kill()
-        rest, err = child.communicate()
+        # read through the text wrappers: readline() may already hold the next line in
+        # its buffer, which communicate() (reading the raw pipes) would drop
+        assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+        child.stdin.close()
+        rest, err = child.stdout.read(), child.stderr.read()
+        child.wait(10)
     assert child.returncode == 0, err
     assert float(line.split()[1]) < QUICK, line
     bound = QUICK if case == "nothing-in-memory" else exit_timeout + CLOSE_SLACK + 2 * SLACK
     assert took <= bound, f"exit took {took:.2f} s"
     # what could not reach the disk is counted, not lost silently
     unwritten = {} if case == "nothing-in-memory" else {"unwritten_at_close": 1}
-    assert rest.splitlines() == [f"dropped {json.dumps(unwritten)}"], rest
+    assert rest.splitlines() == [f"dropped {json.dumps(unwritten)}"], (rest, err)
 
 
 # ---------------------------------------------------------------------- sync, quarantine
