@@ -172,6 +172,11 @@ def _funlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _owned(lock: Any) -> bool:
+    """Whether this thread holds the (reentrant) ``lock``."""
+    return bool(lock._is_owned())
+
+
 def _sleep_backoff(delay: float, ceiling: float, deadline: float = math.inf) -> float:
     """Sleep about ``delay`` (never past ``deadline``); return the next delay."""
     time.sleep(_pause(delay, deadline))
@@ -341,12 +346,18 @@ class Storage:
         self._check_fork()
         deadline = self._deadline("open")
         lock = self.lock
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise QueueError(self._busy("open"))
+        nested, got = _owned(lock), False
         try:
+            got = lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            if not got:
+                raise QueueError(self._busy("open"))
             self._open(deadline)
-        finally:
-            lock.release()
+        finally:  # see run(): no Python call before the release
+            if got or not nested:
+                try:  # noqa: SIM105 (suppress() is a Python call a handler could interrupt)
+                    lock.release()
+                except RuntimeError:  # never acquired
+                    pass
 
     @contextlib.contextmanager
     def deadline(self, at: float | None) -> Iterator[None]:
@@ -409,12 +420,14 @@ class Storage:
         self._check_fork()
         deadline = self._deadline(what)
         lock = self.lock
+        nested = _owned(lock)
         retry: _Retry | None = None  # made on the first failure: the common path is short
         while True:
-            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise QueueError(self._busy(what))
-            pause = 0.0
+            pause, got = 0.0, False
             try:
+                got = lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                if not got:
+                    raise QueueError(self._busy(what))
                 if self.closed:
                     raise QueueError(f"{what}: the queue in {self.directory} is closed")
                 cache = None
@@ -442,8 +455,22 @@ class Storage:
                         _rollback_if_open(cache)
                     retry = retry or _Retry(deadline)
                     pause = self._recover(what, exc, cache, retry, frees_space)
+                except BaseException:  # a signal handler's exception, a bug in fn: never
+                    if cache is not None:  # leave the connection inside a transaction
+                        _rollback_if_open(cache)
+                    raise
             finally:
-                lock.release()
+                # Release what this pass acquired, also when an exception a signal handler
+                # raised landed between the acquisition and noting it (``got`` still
+                # False): a thread that did not hold the lock before and holds it now
+                # took it here. No Python-level call comes before the release, so no
+                # handler can run in between; a release of a lock never acquired raises
+                # RuntimeError. (Nested in this thread's own hold, only ``got`` counts.)
+                if got or not nested:
+                    try:  # noqa: SIM105 (suppress() is a Python call: see above)
+                        lock.release()
+                    except RuntimeError:  # the acquisition never happened
+                        pass
             if pause:
                 time.sleep(pause)  # without the lock: other threads (and a fork) go on
 

@@ -17,6 +17,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from queue_helpers import drain, generation, ids, items, mp_worker, run_helper, users
@@ -468,3 +469,50 @@ def test_an_unreadable_database_is_counted_as_uncounted(
         assert (stats.quarantines, stats.quarantined_entries) == (1, 0)
         assert stats.quarantines_uncounted == 1
     assert "an unknown number of entries" in caplog.text
+
+
+class _Interrupt(BaseException):
+    """What a signal handler raises (SystemExit, KeyboardInterrupt)."""
+
+
+def test_an_exception_from_a_signal_handler_never_leaves_the_storage_lock_held(
+    qdir: Path,
+) -> None:
+    """Regression: a handler raising right after the storage lock was acquired (before
+    the ``try`` that releases it) left it held for good, and one raising inside a
+    transaction left the connection in it: every later operation of the process, the
+    delivery worker's included, waited or failed (delivered 0 of 27,352)."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    interrupted = 0
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        signal.setitimer(signal.ITIMER_REAL, 0.0007)
+        f: Any = frame
+        while f is not None and not f.f_code.co_filename.endswith("/per_buffer/queue/_storage.py"):
+            f = f.f_back
+        if f is not None:
+            interrupted += 1
+            raise _Interrupt
+
+    with DurableQueue(qdir) as queue:
+        previous = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                with contextlib.suppress(_Interrupt):
+                    queue.put(items(1))
+                    queue.stats()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert interrupted > 50  # the handler really landed inside queue operations
+        assert not queue._storage.lock._is_owned()
+        other = threading.Thread(target=queue.stats)  # another thread gets the lock
+        other.start()
+        other.join(5)
+        assert not other.is_alive()
+        assert queue.stats().pending >= 1
