@@ -70,6 +70,7 @@ _LOCK_TIMEOUT = 2.0  # a write lock held elsewhere fails a queue operation withi
 # a database another process keeps locked shows as not open yet instead of stalling it)
 _OPEN_WAIT = 0.5
 _SYNC_WAIT = 0.05  # a sync record() looks this often whether a commit settled its call
+_SYNC_BOUND = _LOCK_TIMEOUT + 0.5  # ... and returns after this long, its activity in memory
 _FORK_COMMIT = 0.05  # seconds a fork may spend writing the memory batch
 _FORK_LOCK_WAIT = 0.05  # seconds a fork waits for the recorder's (short-held) lock
 _REFRESH_EVERY = 1.0  # seconds between the committer's reads of a drainer's figures
@@ -472,18 +473,28 @@ class Recorder:
 
     def _commit_sync(self, ticket: int) -> None:
         """Sync mode: return once a commit that took this call's activity (any take after
-        ``ticket``) stored it. Commits run one at a time and each takes everything in
-        memory, so a waiting call is settled by its own commit or by another thread's;
-        each is bounded by the queue's lock timeout. If the disk refused it, the activity
+        ``ticket``) stored it. The committer thread writes, never the caller's: a signal
+        handler that raises in the caller (SystemExit, KeyboardInterrupt) can then never
+        cut a write short or leave a lock held. Commits take everything in memory, so
+        concurrent sync calls share one. The wait is bounded (``_SYNC_BOUND``): if the
+        disk refused the write, or the committer could not write in time, the activity
         stays in memory (counted in ``buffered``) and the committer retries."""
-        if self._committer is None:  # a forked child's first call
+        committer = self._committer
+        if committer is None:  # a forked child's first call
             self._ensure_threads()
-        while self._stored_take <= ticket:
-            if self._failed_take > ticket:
-                self._sync_unwritten()
-                return
-            self._commit(wait=_SYNC_WAIT)
-        if not self._delivering:
+            committer = self._committer
+        self._commit_wake.set()
+        deadline = _monotonic() + _SYNC_BOUND
+        progress = self._disk_progress
+        with progress:
+            while self._stored_take <= ticket and self._failed_take <= ticket:
+                left = deadline - _monotonic()
+                if left <= 0 or committer is None or not committer.is_alive():
+                    break
+                progress.wait(min(_SYNC_WAIT, left))
+        if self._stored_take <= ticket:
+            self._sync_unwritten()
+        elif not self._delivering:
             self._commit_wake.set()  # the committer starts delivery
 
     def _sync_unwritten(self) -> None:
