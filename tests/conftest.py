@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 from per_buffer import Recorder
 from per_buffer.config import CLIENT_KNOBS, KNOBS
 from per_buffer.testing import PerServer
+
+# A test run started in the background by a non-interactive shell (`make check &`, some CI
+# runners) inherits SIGINT ignored, and so would every process the tests start: the
+# Ctrl-C tests could not interrupt them. A handler here is reset to the default by exec().
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
