@@ -56,13 +56,19 @@ def drainer_running(directory: Path) -> bool:
 
 
 def spawn(
-    options: DrainerOptions, python: str, started: threading.Event | None = None
+    options: DrainerOptions,
+    python: str,
+    started: threading.Event | None = None,
+    *,
+    wait: bool = True,
 ) -> int | None:
     """Start a drainer unless one runs or is being started; its pid, or None.
 
     Waits (up to 15 s) until the new process reports that it was elected, so a
-    caller that returns knows delivery is under way. ``started`` is set as soon as
-    the process exists (or when none will be started).
+    caller that returns knows delivery is under way; without ``wait`` (an exit
+    handler, which can start no thread to reap it) it returns the pid of the process
+    once it has its options. ``started`` is set as soon as the process exists (or when
+    none will be started).
     """
     starting = FileLock(options.directory / SPAWN_LOCK)
     try:
@@ -70,14 +76,16 @@ def spawn(
             return None  # another recorder is starting one right now
         if drainer_running(options.directory):
             return None
-        return _start(options, python, started)
+        return _start(options, python, started, wait=wait)
     finally:
         starting.close()
         if started is not None:
             started.set()
 
 
-def _start(options: DrainerOptions, python: str, started: threading.Event | None) -> int | None:
+def _start(
+    options: DrainerOptions, python: str, started: threading.Event | None, *, wait: bool = True
+) -> int | None:
     # the token travels through the pipe only: not even the environment keeps a copy
     env = {k: v for k, v in os.environ.items() if k not in _TOKEN_VARIABLES}
     here = str(Path(__file__).resolve().parents[2])  # the directory holding per_buffer
@@ -106,6 +114,9 @@ def _start(options: DrainerOptions, python: str, started: threading.Event | None
         process.stdin.write(options.to_json() + "\n")
     with contextlib.suppress(OSError):
         process.stdin.close()
+    if not wait:  # its "ready" line finds the pipe closed, which it ignores
+        process.stdout.close()
+        return process.pid
     answer = _read_line(process, _READY_WITHIN)
     process.stdout.close()
     threading.Thread(target=process.wait, name="per-buffer-reaper", daemon=True).start()

@@ -120,6 +120,8 @@ class ThreadDelivery(DeliveryMode):
         self._feedback = feedback
         self._lock = threading.Lock()
         self.worker: DeliveryWorker | None = None
+        self._threadless = False  # its thread could not start (interpreter shutdown)
+        self._ran_here = False  # ... so deliver() ran it in the calling thread
 
     def start(self) -> None:
         with self._lock:
@@ -128,7 +130,10 @@ class ThreadDelivery(DeliveryMode):
                     self._queue, DeliverySettings.from_config(self._config), feedback=self._feedback
                 )
                 self.worker = worker
-                worker.start()
+                try:
+                    worker.start()
+                except RuntimeError:  # an exit handler: Python 3.12 starts no new thread
+                    self._threadless = True
 
     def wake(self) -> None:
         worker = self.worker
@@ -140,6 +145,14 @@ class ThreadDelivery(DeliveryMode):
         worker = self.worker
         if worker is None:
             return False
+        if self._threadless:  # deliver from this thread (an exit handler) until done
+            if not self._ran_here:  # a worker's loop runs once
+                self._ran_here = True
+                worker.run_until(done, deadline)
+            try:
+                return done()
+            except QueueError:
+                return False
         worker.begin_flush()
         try:
             while True:
@@ -246,6 +259,7 @@ class DrainerDelivery(DeliveryMode):
         self._warned = False
         self._created_at = time.time()
         self._handed_over: int | None = None  # the pid this recorder asked to step down
+        self._spawned_at_exit = False  # start() ran at interpreter shutdown and spawned one
         now = _counts(stats)
         self._seen = _Seen(stats.generation, now, (0, 0, 0), now)
         self._observing = threading.Lock()
@@ -278,7 +292,13 @@ class DrainerDelivery(DeliveryMode):
             target=spawn, args=(options, python, started), name="per-buffer-spawn", daemon=True
         )
         self._spawning = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            # at interpreter shutdown (an exit handler: Python 3.12 refuses new threads
+            # there) start the process from this thread, without waiting for it to report
+            self._spawning = None
+            self._spawned_at_exit = spawn(options, python, started, wait=False) is not None
 
     def _defers(self) -> bool:
         """True while a newer recorder with other settings took the directory over: it
@@ -334,6 +354,8 @@ class DrainerDelivery(DeliveryMode):
             time.sleep(_WAIT_STEP if deadline is None else min(_WAIT_STEP, deadline - now))
 
     def delivers_after_exit(self, timeout: float) -> bool:
+        if self._spawned_at_exit:  # started from an exit handler: it exists
+            return True
         spawning = self._spawning
         if spawning is not None and spawning.is_alive():
             # a drainer being started delivers once its process exists: no need to wait
