@@ -64,6 +64,8 @@ _HELD_RETRY_MIN = 0.2
 _HELD_RETRY_MAX = 5.0
 _LOG_EVERY = 60.0
 _CLOSE_SLACK = 0.45  # seconds close() may take beyond its timeout, to stop threads
+_CLOSE_BOUND = 0.5  # ... and in all (the README's promise)
+_LAST_READ = 0.05  # seconds close() gives its last read of the figures at least
 _COMMIT_GRACE = 0.3  # seconds the committer gets for its last write after the deadline
 _LOCK_TIMEOUT = 2.0  # a write lock held elsewhere fails a queue operation within this
 # stats() waits this long for the committer's first open (milliseconds on a healthy disk;
@@ -956,15 +958,18 @@ class Recorder:
             self._attached = None
         queue = self._queue
         committer = self._committer
+        # the last figures are read even when stopping used up the slack: a snapshot read
+        # takes milliseconds, and stats() after close() would show stale ones for good
+        read_by = min(deadline + _CLOSE_BOUND, max(hard, time.monotonic() + _LAST_READ))
         if (
             queue is not None
             and stopped
             and (committer is None or not committer.is_alive())
-            and self._commit_lock.acquire(timeout=max(0.0, hard - time.monotonic()))
+            and self._commit_lock.acquire(timeout=max(0.0, read_by - time.monotonic()))
         ):
             try:  # no commit runs: the last figures are kept for stats() after close
                 with contextlib.suppress(QueueError):
-                    self._read_stats(queue, hard)
+                    self._read_stats(queue, read_by)
                 self._log_left()
                 self._queue_closed = True
                 queue.close()
