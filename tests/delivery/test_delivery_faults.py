@@ -280,6 +280,9 @@ def test_bodies_in_several_segments_are_read_whole_and_sent_once(
     stats = rec.stats()
     per_user = Counter(hit.user for hit in raw.hits)
     assert set(per_user) == set(users) and set(per_user.values()) == {1}
+    # the server notes a reply as accepted once it finished sending it, which may be
+    # after the client read the whole (close-delimited) body
+    assert raw.wait_for(lambda r: len(r.accepted) == len(users), timeout=5)
     assert sorted(raw.accepted) == sorted(users)
     assert stats.attempts == 40 and sum(stats.failures.values()) == 0
 
