@@ -968,11 +968,14 @@ class Recorder:
             and self._commit_lock.acquire(timeout=max(0.0, read_by - time.monotonic()))
         ):
             try:  # no commit runs: the last figures are kept for stats() after close
+                read = False
                 with contextlib.suppress(QueueError):
                     self._read_stats(queue, read_by)
+                    read = True
                 self._log_left()
-                self._queue_closed = True
-                queue.close()
+                if read:  # else the queue stays open: stats() reads it (never stale)
+                    self._queue_closed = True
+                    queue.close()
             finally:
                 self._commit_lock.release()
         opening, self._opening = self._opening, None
