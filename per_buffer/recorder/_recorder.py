@@ -406,7 +406,10 @@ class Recorder:
                         ticket = 0
                         wake = not self._commit_pending
                         self._commit_pending = True
-                except Exception:  # never raise a runtime fault into the caller
+                except BaseException as exc:
+                    # a runtime fault is counted and logged, never raised into the caller;
+                    # an exception a signal handler raised in here (SystemExit) goes on
+                    fault = isinstance(exc, Exception)
                     self._settle_interrupted(
                         recorded,
                         key,
@@ -414,20 +417,12 @@ class Recorder:
                         before=before,
                         coalesced=coalesced,
                         item=item,
+                        reason="internal_error" if fault else "interrupted",
                     )
+                    if not fault:
+                        raise
                     logger.exception("per_buffer: record() failed internally")
                     return
-                except BaseException:  # a signal handler raised (SystemExit, say) in here
-                    self._settle_interrupted(
-                        recorded,
-                        key,
-                        dropping=dropping,
-                        before=before,
-                        coalesced=coalesced,
-                        item=item,
-                        reason="interrupted",
-                    )
-                    raise
             if wake:
                 if self._committer is None:  # a forked child's first call
                     self._ensure_threads()
